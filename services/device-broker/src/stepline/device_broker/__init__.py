@@ -1,0 +1,1 @@
+"""Stepline device_broker."""

@@ -1,0 +1,1 @@
+"""Stepline scheduler."""

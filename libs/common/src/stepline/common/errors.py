@@ -1,0 +1,126 @@
+"""One error root for Stepline, each class carrying a stable code and gRPC status.
+
+Services raise these; :class:`stepline.common.auth.AuthInterceptor` turns them
+into gRPC status codes at the edge. Anything else that escapes a handler becomes
+``INTERNAL`` with a generic message, so internals and secrets never reach clients.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+
+class SteplineError(Exception):
+    """Base of every error Stepline raises on purpose."""
+
+    code: ClassVar[str] = "internal"
+    status: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(SteplineError):
+    """The request is malformed; the message says which field and why."""
+
+    code = "invalid_argument"
+    status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(SteplineError):
+    code = "not_found"
+    status = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(SteplineError):
+    code = "already_exists"
+    status = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(SteplineError):
+    """The system is not in a state that allows the operation (e.g. stale epoch)."""
+
+    code = "failed_precondition"
+    status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(SteplineError):
+    """A conflict with a concurrent operation, such as a conflicting idempotent replay."""
+
+    code = "aborted"
+    status = grpc.StatusCode.ABORTED
+
+
+class Unauthenticated(SteplineError):
+    code = "unauthenticated"
+    status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(SteplineError):
+    code = "permission_denied"
+    status = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(SteplineError):
+    code = "resource_exhausted"
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(SteplineError):
+    code = "unavailable"
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(SteplineError):
+    code = "deadline_exceeded"
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ConfigError(SteplineError):
+    """A setting is missing or malformed; raised at start-up, before serving."""
+
+    code = "config"
+    status = grpc.StatusCode.INTERNAL
+
+
+class RemoteError(SteplineError):
+    """A call to another Stepline service failed; keeps the remote status."""
+
+    code = "remote"
+
+    def __init__(self, message: str, *, remote_status: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self.remote_status = remote_status
+
+
+_BY_STATUS: dict[grpc.StatusCode, type[SteplineError]] = {
+    cls.status: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        Aborted,
+        Unauthenticated,
+        PermissionDenied,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+    )
+}
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> SteplineError:
+    """Rebuild the Stepline error that a remote service raised from its status."""
+    status = error.code()
+    message = error.details() or status.name
+    cls = _BY_STATUS.get(status)
+    if cls is None:
+        return RemoteError(message, remote_status=status)
+    return cls(message)

@@ -1,0 +1,91 @@
+"""Server-side plumbing shared by the interceptors: wrapping any kind of handler,
+and turning Stepline errors into gRPC statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from stepline.common.errors import SteplineError
+
+log = logging.getLogger(__name__)
+
+Before = Callable[[], None]
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, *, before: Before | None = None) -> Any:
+    """Return ``handler`` with its behaviour wrapped: ``before`` runs inside the
+    call's own task (so context variables it sets reach the handler), and every
+    exception is mapped by :func:`abort_with`."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap_unary(handler.unary_unary, before),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            _wrap_unary(handler.stream_unary, before),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap_stream(handler.unary_stream, before),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        _wrap_stream(handler.stream_stream, before),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _wrap_unary(behavior: Any, before: Before | None) -> Any:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            if before is not None:
+                before()
+            return await behavior(request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+            await abort_with(context, exc)
+
+    return wrapped
+
+
+def _wrap_stream(behavior: Any, before: Before | None) -> Any:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            if before is not None:
+                before()
+            result = behavior(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            else:
+                await result
+        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+            await abort_with(context, exc)
+
+    return wrapped
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """Abort the call with the status that ``exc`` stands for.
+
+    Stepline errors keep their message; anything unexpected is logged here and
+    reaches the client only as a generic INTERNAL, never with its details.
+    """
+    if isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError):
+        raise exc
+    if isinstance(exc, SteplineError):
+        await context.abort(exc.status, exc.message)
+    log.exception("unexpected error in RPC handler")
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+

@@ -38,7 +38,7 @@ def test_bad_values_name_the_variable(variables: dict[str, str], message: str) -
 
 def test_required_variables_say_so() -> None:
     with pytest.raises(ConfigError, match="STEPLINE_DATABASE_URL is required"):
-        Env({}).str("DATABASE_URL")
+        Env({}).text("DATABASE_URL")
 
 
 def test_service_token_is_read_from_its_file(tmp_path: Path) -> None:

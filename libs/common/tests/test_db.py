@@ -93,7 +93,10 @@ def test_load_migrations_reads_files_in_order(
     monkeypatch.syspath_prepend(str(tmp_path))
     name = _package(tmp_path, {"0002_b.sql": "SELECT 2;", "0001_a.sql": "SELECT 1;"})
     loaded = load_migrations(name)
-    assert [(m.version, m.name, m.sql) for m in loaded] == [(1, "a", "SELECT 1;"), (2, "b", "SELECT 2;")]
+    assert [(m.version, m.name, m.sql) for m in loaded] == [
+        (1, "a", "SELECT 1;"),
+        (2, "b", "SELECT 2;"),
+    ]
 
 
 @pytest.mark.parametrize(

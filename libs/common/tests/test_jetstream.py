@@ -68,7 +68,9 @@ async def test_pull_consumer_receives_the_protobuf_and_its_id(
 
 async def test_publish_without_an_id_is_refused(nats_client: Any, streams: Streams) -> None:
     with pytest.raises(InvalidArgument):
-        await publish_proto(nats_client.jetstream(), streams.subject("jobs", "x"), Struct(), msg_id="")
+        await publish_proto(
+            nats_client.jetstream(), streams.subject("jobs", "x"), Struct(), msg_id=""
+        )
 
 
 def test_prefixes_must_be_plain_names() -> None:

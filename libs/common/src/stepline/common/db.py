@@ -10,6 +10,7 @@ edited: if its checksum changed, start-up fails instead of diverging silently.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -110,6 +111,13 @@ async def apply_migrations(
     return applied_now
 
 
+async def _set_json_codecs(conn: asyncpg.Connection) -> None:
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
 async def create_pool(
     dsn: str,
     *,
@@ -118,8 +126,13 @@ async def create_pool(
     min_size: int = 2,
     max_size: int = 10,
     command_timeout_s: float = 30.0,
+    json_codecs: bool = True,
 ) -> asyncpg.Pool:
-    """Migrate ``schema``, then return a pool whose connections use it by default."""
+    """Migrate ``schema``, then return a pool whose connections use it by default.
+
+    With ``json_codecs``, ``json`` and ``jsonb`` values arrive as Python objects
+    and are sent from them.
+    """
     _check_schema(schema)
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
@@ -132,6 +145,7 @@ async def create_pool(
         max_size=max_size,
         command_timeout=command_timeout_s,
         server_settings={"search_path": schema, "application_name": f"stepline-{schema}"},
+        init=_set_json_codecs if json_codecs else None,
     )
     assert pool is not None
     return pool

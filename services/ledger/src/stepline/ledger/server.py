@@ -1,43 +1,166 @@
 """The ledger's gRPC server: the only writer of run state.
 
-This first cut connects the ledger's dependencies (its PostgreSQL schema, with
-migrations applied, and JetStream) and serves ``LedgerService`` with health and
-reflection; the RPCs themselves arrive with the ledger's schema.
+Writes go through the :class:`GroupCommitter` (concurrent writes share
+commits); reads use the pool. The outbox relay runs beside the server and
+publishes committed events to ``STEPLINE_EVENTS``. Only Stepline services and
+administrators may call the ledger.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+from typing import Any
 
-from stepline.api.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+import grpc
+
+from stepline.api.ledger.v1 import ledger_pb2 as pb
+from stepline.api.ledger.v1 import ledger_pb2_grpc
 from stepline.common import jetstream
-from stepline.common.db import create_pool
+from stepline.common.auth import require_role
+from stepline.common.db import create_pool, load_migrations
 from stepline.common.server import GrpcHost, serve_until_stopped
+from stepline.ledger import queries
+from stepline.ledger.committer import GroupCommitter
 from stepline.ledger.config import LedgerSettings
+from stepline.ledger.relay import OutboxRelay
+from stepline.ledger.stats import get_stats
+from stepline.ledger.store import LedgerStore
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LedgerService"].full_name
+CALLER_ROLES = ("service", "admin")
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
-    """``LedgerService``; RPCs not written yet answer UNIMPLEMENTED."""
+    def __init__(self, store: LedgerStore) -> None:
+        self.store = store
+        self.pool = store.pool
+
+    async def CreateRun(self, request: pb.CreateRunRequest, context: Context) -> pb.CreateRunResponse:
+        require_role(*CALLER_ROLES)
+        return await self.store.create_run(request)
+
+    async def CreateChunks(
+        self, request: pb.CreateChunksRequest, context: Context
+    ) -> pb.CreateChunksResponse:
+        require_role(*CALLER_ROLES)
+        return await self.store.create_chunks(request)
+
+    async def RecordDispatch(
+        self, request: pb.RecordDispatchRequest, context: Context
+    ) -> pb.RecordDispatchResponse:
+        require_role(*CALLER_ROLES)
+        return await self.store.record_dispatch(request)
+
+    async def ClaimRun(self, request: pb.ClaimRunRequest, context: Context) -> pb.ClaimRunResponse:
+        require_role(*CALLER_ROLES)
+        return await self.store.claim_run(request)
+
+    async def RenewClaim(
+        self, request: pb.RenewClaimRequest, context: Context
+    ) -> pb.RenewClaimResponse:
+        require_role(*CALLER_ROLES)
+        return await self.store.renew_claim(request)
+
+    async def ReleaseClaim(
+        self, request: pb.ReleaseClaimRequest, context: Context
+    ) -> pb.ReleaseClaimResponse:
+        require_role(*CALLER_ROLES)
+        return await self.store.release_claim(request)
+
+    async def TransitionRun(
+        self, request: pb.TransitionRunRequest, context: Context
+    ) -> pb.TransitionRunResponse:
+        require_role(*CALLER_ROLES)
+        return await self.store.transition_run(request)
+
+    async def TransitionTask(
+        self, request: pb.TransitionTaskRequest, context: Context
+    ) -> pb.TransitionTaskResponse:
+        require_role(*CALLER_ROLES)
+        return await self.store.transition_task(request)
+
+    async def TransitionChunk(
+        self, request: pb.TransitionChunkRequest, context: Context
+    ) -> pb.TransitionChunkResponse:
+        require_role(*CALLER_ROLES)
+        return await self.store.transition_chunk(request)
+
+    async def RequestControl(
+        self, request: pb.RequestControlRequest, context: Context
+    ) -> pb.RequestControlResponse:
+        require_role(*CALLER_ROLES)
+        return await self.store.request_control(request)
+
+    async def RerunFrom(self, request: pb.RerunFromRequest, context: Context) -> pb.RerunFromResponse:
+        require_role(*CALLER_ROLES)
+        return await self.store.rerun_from(request)
+
+    async def ListOrphanedRuns(
+        self, request: pb.ListOrphanedRunsRequest, context: Context
+    ) -> pb.ListOrphanedRunsResponse:
+        require_role(*CALLER_ROLES)
+        return await queries.list_orphaned_runs(self.pool, request)
+
+    async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
+        require_role(*CALLER_ROLES)
+        return await queries.get_run(self.pool, request)
+
+    async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
+        require_role(*CALLER_ROLES)
+        return await queries.list_runs(self.pool, request)
+
+    async def ListChunks(
+        self, request: pb.ListChunksRequest, context: Context
+    ) -> pb.ListChunksResponse:
+        require_role(*CALLER_ROLES)
+        return await queries.list_chunks(self.pool, request)
+
+    async def GetRunHistory(
+        self, request: pb.GetRunHistoryRequest, context: Context
+    ) -> pb.GetRunHistoryResponse:
+        require_role(*CALLER_ROLES)
+        return await queries.get_run_history(self.pool, request)
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: Context) -> pb.GetStatsResponse:
+        require_role(*CALLER_ROLES)
+        return await get_stats(self.pool, request)
 
 
 async def serve(settings: LedgerSettings) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        pool = await create_pool(settings.database_url, schema=settings.schema, migrations=[])
+        pool = await create_pool(
+            settings.database_url,
+            schema=settings.schema,
+            migrations=load_migrations("stepline.ledger"),
+            max_size=settings.commit_shards + 8,
+        )
         stack.push_async_callback(pool.close)
         nc = await jetstream.connect(settings.nats.url, name="stepline-ledger")
         stack.push_async_callback(nc.drain)
-        await jetstream.ensure_streams(nc.jetstream(), settings.nats.streams)
-        ledger_servicer = LedgerServicer()  # type: ignore[abstract]  # RPCs arrive with their issue
+        js = nc.jetstream()
+        await jetstream.ensure_streams(js, settings.nats.streams)
+        committer = GroupCommitter(pool, shards=settings.commit_shards)
+        await committer.start()
+        stack.push_async_callback(committer.close)
+        relay = OutboxRelay(pool=pool, js=js, streams=settings.nats.streams)
+        relay_task = asyncio.create_task(relay.run(), name="ledger-outbox-relay")
+        stack.callback(relay_task.cancel)
+        store = LedgerStore(
+            pool,
+            committer,
+            default_lease_s=settings.default_lease_s,
+            max_lease_s=settings.max_lease_s,
+        )
         host = GrpcHost(settings=settings.server)
         host.add(
             SERVICE_NAME,
             lambda server: ledger_pb2_grpc.add_LedgerServiceServicer_to_server(
-                ledger_servicer, server
+                LedgerServicer(store), server
             ),
         )
         await serve_until_stopped(host)

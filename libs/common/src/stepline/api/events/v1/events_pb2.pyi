@@ -105,6 +105,7 @@ class Event(_message.Message):
     DEVICE_RELEASED_FIELD_NUMBER: _builtins.int
     DEVICE_QUARANTINED_FIELD_NUMBER: _builtins.int
     RUN_CONTROL_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Globally unique id (the RunEvent id for ledger events)."""
     run_id: _builtins.str
@@ -155,6 +156,13 @@ class Event(_message.Message):
     def run_control(self) -> Global___RunControl:
         """Kind `control`."""
 
+    @_builtins.property
+    def record(self) -> _run_pb2.RunEvent:
+        """The ledger's full record of the event (type, task, chunk, payload), set
+        on every event relayed from the ledger's outbox, with or without a typed
+        payload above.
+        """
+
     def __init__(
         self,
         *,
@@ -172,10 +180,11 @@ class Event(_message.Message):
         device_released: Global___DeviceReleased | None = ...,
         device_quarantined: Global___DeviceQuarantined | None = ...,
         run_control: Global___RunControl | None = ...,
+        record: _run_pb2.RunEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "chunk_state_changed", b"chunk_state_changed", "device_leased", b"device_leased", "device_quarantined", b"device_quarantined", "device_released", b"device_released", "payload", b"payload", "run_control", b"run_control", "run_state_changed", b"run_state_changed", "task_state_changed", b"task_state_changed", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "chunk_state_changed", b"chunk_state_changed", "device_leased", b"device_leased", "device_quarantined", b"device_quarantined", "device_released", b"device_released", "payload", b"payload", "record", b"record", "run_control", b"run_control", "run_state_changed", b"run_state_changed", "task_state_changed", b"task_state_changed", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "chunk_state_changed", b"chunk_state_changed", "device_leased", b"device_leased", "device_quarantined", b"device_quarantined", "device_released", b"device_released", "event_id", b"event_id", "payload", b"payload", "run_control", b"run_control", "run_id", b"run_id", "run_state_changed", b"run_state_changed", "sequence", b"sequence", "task_state_changed", b"task_state_changed", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "approval_decided", b"approval_decided", "approval_requested", b"approval_requested", "chunk_state_changed", b"chunk_state_changed", "device_leased", b"device_leased", "device_quarantined", b"device_quarantined", "device_released", b"device_released", "event_id", b"event_id", "payload", b"payload", "record", b"record", "run_control", b"run_control", "run_id", b"run_id", "run_state_changed", b"run_state_changed", "sequence", b"sequence", "task_state_changed", b"task_state_changed", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["run_state_changed", "task_state_changed", "chunk_state_changed", "approval_requested", "approval_decided", "device_leased", "device_released", "device_quarantined", "run_control"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015

@@ -1,0 +1,189 @@
+"""Between database rows and protobuf messages."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from stepline.api.common.v1 import common_pb2, run_pb2, workflow_pb2
+
+Row = asyncpg.Record
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    """A message as JSON-ready data (enum names, original field names)."""
+    result: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return result
+
+
+def struct(data: dict[str, Any] | None) -> Struct:
+    value = Struct()
+    if data:
+        value.update(data)
+    return value
+
+
+def failure(data: dict[str, Any] | None) -> common_pb2.Failure | None:
+    if not data:
+        return None
+    return json_format.ParseDict(data, common_pb2.Failure())
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _set_time(message: Message, field: str, value: datetime | None) -> None:
+    stamp = timestamp(value)
+    if stamp is not None:
+        getattr(message, field).CopyFrom(stamp)
+
+
+def claim(row: Row) -> run_pb2.Claim:
+    result = run_pb2.Claim(executor_id=row["claim_executor"] or "", epoch=row["claim_epoch"])
+    _set_time(result, "claim_time", row["claim_time"])
+    _set_time(result, "expire_time", row["claim_expire"])
+    return result
+
+
+def attempt(row: Row) -> run_pb2.Attempt:
+    result = run_pb2.Attempt(
+        attempt_number=row["attempt_number"],
+        state=row["state"],
+        reason=row["reason"],
+        executor_id=row["executor_id"],
+        claim_epoch=row["claim_epoch"],
+        device_serial=row["device_serial"],
+        device_lease_id=row["device_lease_id"],
+    )
+    _set_time(result, "start_time", row["start_time"])
+    _set_time(result, "end_time", row["end_time"])
+    if (f := failure(row["failure"])) is not None:
+        result.failure.CopyFrom(f)
+    return result
+
+
+def run(row: Row, *, with_definition: bool = False) -> run_pb2.WorkflowRun:
+    result = run_pb2.WorkflowRun(
+        run_id=row["run_id"],
+        workflow_name=row["workflow_name"],
+        workflow_version=row["workflow_version"],
+        state=row["state"],
+        inputs=struct(row["inputs"]),
+        labels=row["labels"],
+        initiator=common_pb2.Principal(id=row["initiator_id"], roles=row["initiator_roles"]),
+        parent_run_id=row["parent_run_id"] or "",
+        parent_task_id=row["parent_task_id"] or "",
+        rerun_count=row["rerun_count"],
+        schedule_id=row["schedule_id"] or "",
+        claim=claim(row),
+        dispatch_epoch=row["dispatch_epoch"],
+        pending_control=row["pending_control"],
+        request_id=row["request_id"],
+    )
+    for field in ("create_time", "start_time", "end_time", "update_time"):
+        _set_time(result, field, row[field])
+    if (f := failure(row["failure"])) is not None:
+        result.failure.CopyFrom(f)
+    if row["outputs"] is not None:
+        result.outputs.CopyFrom(struct(row["outputs"]))
+    if with_definition:
+        result.definition.ParseFromString(row["definition"])
+    return result
+
+
+def definition(row: Row) -> workflow_pb2.WorkflowDefinition:
+    result = workflow_pb2.WorkflowDefinition()
+    result.ParseFromString(row["definition"])
+    return result
+
+
+def chunk_counts(rows: list[Row], *, complete: bool) -> run_pb2.ChunkCounts:
+    counts = run_pb2.ChunkCounts(complete=complete)
+    names = {
+        common_pb2.TASK_RUN_STATE_PENDING: "pending",
+        common_pb2.TASK_RUN_STATE_RUNNING: "running",
+        common_pb2.TASK_RUN_STATE_SUCCEEDED: "succeeded",
+        common_pb2.TASK_RUN_STATE_FAILED: "failed",
+        common_pb2.TASK_RUN_STATE_TIMED_OUT: "timed_out",
+        common_pb2.TASK_RUN_STATE_CANCELLED: "cancelled",
+        common_pb2.TASK_RUN_STATE_SKIPPED: "skipped",
+    }
+    for row in rows:
+        counts.total += row["n"]
+        name = names.get(row["state"])
+        if name is not None:
+            setattr(counts, name, getattr(counts, name) + row["n"])
+    return counts
+
+
+def task(row: Row, attempts: list[Row], counts: run_pb2.ChunkCounts | None) -> run_pb2.TaskRun:
+    result = run_pb2.TaskRun(
+        task_id=row["task_id"],
+        run_id=row["run_id"],
+        step_id=row["step_id"],
+        step_path=row["step_path"],
+        ordinal=row["ordinal"],
+        kind=row["kind"],
+        verb=row["verb"],
+        state=row["state"],
+        attempts=[attempt(a) for a in attempts],
+        child_run_id=row["child_run_id"] or "",
+        child_workflow_version=row["child_workflow_version"],
+        approval_id=row["approval_id"] or "",
+    )
+    for field in ("create_time", "start_time", "end_time"):
+        _set_time(result, field, row[field])
+    if row["output"] is not None:
+        result.output.CopyFrom(struct(row["output"]))
+    if (f := failure(row["failure"])) is not None:
+        result.failure.CopyFrom(f)
+    if counts is not None:
+        result.chunk_counts.CopyFrom(counts)
+    return result
+
+
+def chunk(row: Row, attempts: list[Row]) -> run_pb2.ChunkRun:
+    result = run_pb2.ChunkRun(
+        chunk_id=row["chunk_id"],
+        task_id=row["task_id"],
+        run_id=row["run_id"],
+        index=row["index"],
+        record=struct(row["record"]),
+        state=row["state"],
+        attempts=[attempt(a) for a in attempts],
+        claim=claim(row),
+        dispatch_epoch=row["dispatch_epoch"],
+    )
+    for field in ("create_time", "start_time", "end_time"):
+        _set_time(result, field, row[field])
+    if row["output"] is not None:
+        result.output.CopyFrom(struct(row["output"]))
+    if (f := failure(row["failure"])) is not None:
+        result.failure.CopyFrom(f)
+    return result
+
+
+def event(row: Row) -> run_pb2.RunEvent:
+    result = run_pb2.RunEvent(
+        event_id=str(row["event_id"]),
+        run_id=row["run_id"],
+        sequence=row["sequence"],
+        type=row["type"],
+        actor=common_pb2.Principal(id=row["actor_id"], roles=row["actor_roles"]),
+        task_id=row["task_id"] or "",
+        chunk_id=row["chunk_id"] or "",
+        payload=struct(row["payload"]),
+    )
+    _set_time(result, "time", row["time"])
+    return result

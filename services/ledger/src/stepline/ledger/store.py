@@ -1,0 +1,1251 @@
+"""The ledger's writes: pre-flight commit, claims, transitions, control.
+
+Every write is an operation run by the :class:`GroupCommitter` inside a shared
+transaction. An operation first replays an earlier response for its request id
+if there is one, then locks and reads what it changes, validates (raising
+before it writes anything), and only then writes the change, its events and
+its idempotency record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import asyncpg
+from google.protobuf.message import Message
+
+from stepline.api.common.v1 import common_pb2, run_pb2, workflow_pb2
+from stepline.api.events.v1 import events_pb2
+from stepline.api.ledger.v1 import ledger_pb2 as pb
+from stepline.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from stepline.ledger import convert, states
+from stepline.ledger.committer import GroupCommitter
+from stepline.ledger.events import EventLog
+
+R = common_pb2.WorkflowRunState
+T = common_pb2.TaskRunState
+E = run_pb2.RunEventType
+C = run_pb2.ControlAction
+M = TypeVar("M", bound=Message)
+
+MAX_VALUE_BYTES = 1024 * 1024  # one output, input set or chunk record
+MAX_ID_LENGTH = 256
+
+
+# --- validation ------------------------------------------------------------------
+
+
+def require(value: str, name: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{name} is required")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidArgument(f"{name} is {len(value)} characters; the limit is {MAX_ID_LENGTH}")
+    return value
+
+
+def check_size(message: Message, name: str) -> None:
+    size = message.ByteSize()
+    if size > MAX_VALUE_BYTES:
+        raise InvalidArgument(f"{name} is {size} bytes; the limit is {MAX_VALUE_BYTES}")
+
+
+def require_failure(failure: common_pb2.Failure, state_name: str) -> None:
+    if failure.reason == common_pb2.FAILURE_REASON_UNSPECIFIED:
+        raise InvalidArgument(f"failure.reason is required for state {state_name}")
+
+
+def principal(actor: common_pb2.Principal, name: str = "actor") -> common_pb2.Principal:
+    require(actor.id, f"{name}.id")
+    return actor
+
+
+def lease_seconds(duration_s: float, *, default_s: float, max_s: float) -> float:
+    if duration_s < 0:
+        raise InvalidArgument("lease_duration must not be negative")
+    return min(duration_s or default_s, max_s)
+
+
+# --- idempotency -----------------------------------------------------------------
+
+
+def _fingerprint(request: Message) -> str:
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")  # type: ignore[arg-type]
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+async def replayed(conn: asyncpg.Connection, request: Message, response_type: type[M]) -> M | None:
+    """The stored response of an earlier identical request; ABORTED if it differed."""
+    method = request.DESCRIPTOR.name
+    request_id: str = getattr(request, "request_id")
+    row = await conn.fetchrow(
+        "SELECT fingerprint, response FROM requests WHERE method = $1 AND request_id = $2",
+        method,
+        request_id,
+    )
+    if row is None:
+        return None
+    if row["fingerprint"] != _fingerprint(request):
+        raise Aborted(
+            f"request_id {request_id!r} was already used for a different {method}; "
+            "use a new request_id for a new request"
+        )
+    return response_type.FromString(row["response"])
+
+
+async def remember(conn: asyncpg.Connection, request: Message, response: Message) -> None:
+    await conn.execute(
+        "INSERT INTO requests (method, request_id, fingerprint, response) VALUES ($1, $2, $3, $4)",
+        request.DESCRIPTOR.name,
+        getattr(request, "request_id"),
+        _fingerprint(request),
+        response.SerializeToString(),
+    )
+
+
+# --- reads inside write transactions ---------------------------------------------
+
+
+async def lock_run(conn: asyncpg.Connection, run_id: str) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        "SELECT *, clock_timestamp() AS now FROM runs WHERE run_id = $1 FOR UPDATE", run_id
+    )
+    if row is None:
+        raise NotFound(f"run {run_id!r} does not exist")
+    return row
+
+
+def check_claim(row: asyncpg.Record, epoch: int, *, what: str) -> None:
+    """Fencing: ``epoch`` must be the current claim's, and the claim live."""
+    if epoch != row["claim_epoch"]:
+        raise FailedPrecondition(
+            f"stale epoch {epoch} for {what}: it is claimed under epoch {row['claim_epoch']}"
+        )
+    if row["claim_executor"] is None:
+        raise FailedPrecondition(f"the claim of {what} under epoch {epoch} was released")
+    if row["claim_expire"] <= row["now"]:
+        raise FailedPrecondition(f"the claim of {what} under epoch {epoch} has expired")
+
+
+def _failure_json(failure: common_pb2.Failure | None) -> dict[str, Any] | None:
+    if failure is None or failure.reason == common_pb2.FAILURE_REASON_UNSPECIFIED:
+        return None
+    return convert.to_dict(failure)
+
+
+class LedgerStore:
+    """Applies the ledger's write operations through the group committer."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        committer: GroupCommitter,
+        *,
+        default_lease_s: float = 30.0,
+        max_lease_s: float = 300.0,
+    ) -> None:
+        self.pool = pool
+        self.committer = committer
+        self.default_lease_s = default_lease_s
+        self.max_lease_s = max_lease_s
+
+    # --- pre-flight commit ---------------------------------------------------------
+
+    async def create_run(self, request: pb.CreateRunRequest) -> pb.CreateRunResponse:
+        require(request.request_id, "request_id")
+        definition = request.definition
+        require(definition.name, "definition.name")
+        if definition.version <= 0:
+            raise InvalidArgument("definition.version must be set (the pinned version)")
+        principal(request.initiator, "initiator")
+        if not request.tasks:
+            raise InvalidArgument("tasks must list every step of the resolved plan")
+        check_size(request.inputs, "inputs")
+        paths: set[str] = set()
+        for index, task in enumerate(request.tasks):
+            require(task.step_id, f"tasks[{index}].step_id")
+            require(task.step_path, f"tasks[{index}].step_path")
+            if task.step_path in paths:
+                raise InvalidArgument(f"tasks[{index}].step_path {task.step_path!r} is repeated")
+            if task.kind == workflow_pb2.STEP_KIND_UNSPECIFIED:
+                raise InvalidArgument(f"tasks[{index}].kind is required")
+            if task.kind not in workflow_pb2.StepKind.values():
+                raise InvalidArgument(f"tasks[{index}].kind {task.kind} is not a StepKind")
+            paths.add(task.step_path)
+
+        async def operation(conn: asyncpg.Connection) -> pb.CreateRunResponse:
+            earlier = await replayed(conn, request, pb.CreateRunResponse)
+            if earlier is not None:
+                earlier.created = False
+                return earlier
+            run_id = str(uuid.uuid4())
+            timeout = definition.run_timeout.ToTimedelta().total_seconds() or None
+            await conn.execute(
+                "INSERT INTO runs (run_id, request_id, workflow_name, workflow_version,"
+                " definition, state, inputs, labels, initiator_id, initiator_roles,"
+                " parent_run_id, parent_task_id, schedule_id, run_timeout_s)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                run_id,
+                request.request_id,
+                definition.name,
+                definition.version,
+                definition.SerializeToString(deterministic=True),
+                R.WORKFLOW_RUN_STATE_PENDING,
+                convert.to_dict(request.inputs),
+                dict(request.labels),
+                request.initiator.id,
+                list(request.initiator.roles),
+                request.parent_run_id or None,
+                request.parent_task_id or None,
+                request.schedule_id or None,
+                timeout,
+            )
+            await conn.executemany(
+                "INSERT INTO tasks (task_id, run_id, step_id, step_path, ordinal, kind, verb,"
+                " state, child_workflow_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                [
+                    (
+                        f"{run_id}/{t.step_path}",
+                        run_id,
+                        t.step_id,
+                        t.step_path,
+                        ordinal,
+                        int(t.kind),
+                        t.verb,
+                        T.TASK_RUN_STATE_PENDING,
+                        t.child_workflow_version,
+                    )
+                    for ordinal, t in enumerate(request.tasks)
+                ],
+            )
+            log = EventLog(run_id, 0)
+            log.add(
+                E.RUN_EVENT_TYPE_RUN_CREATED,
+                request.initiator,
+                payload={
+                    "workflow_name": definition.name,
+                    "workflow_version": definition.version,
+                    "tasks": len(request.tasks),
+                    "request_id": request.request_id,
+                },
+                typed=(
+                    "run_state_changed",
+                    events_pb2.RunStateChanged(
+                        workflow_name=definition.name,
+                        workflow_version=definition.version,
+                        to_state=R.WORKFLOW_RUN_STATE_PENDING,
+                        parent_run_id=request.parent_run_id,
+                    ),
+                ),
+            )
+            await log.flush(conn)
+            response = pb.CreateRunResponse(
+                run=await read_run(conn, run_id, view=run_pb2.RUN_VIEW_TASKS), created=True
+            )
+            await remember(conn, request, response)
+            return response
+
+        return await self.committer.submit(request.request_id, operation)
+
+    # --- claims --------------------------------------------------------------------
+
+    async def claim_run(self, request: pb.ClaimRunRequest) -> pb.ClaimRunResponse:
+        require(request.request_id, "request_id")
+        require(request.run_id, "run_id")
+        require(request.executor_id, "executor_id")
+        seconds = lease_seconds(
+            request.lease_duration.ToTimedelta().total_seconds(),
+            default_s=self.default_lease_s,
+            max_s=self.max_lease_s,
+        )
+
+        async def operation(conn: asyncpg.Connection) -> pb.ClaimRunResponse:
+            earlier = await replayed(conn, request, pb.ClaimRunResponse)
+            if earlier is not None:
+                return earlier
+            run = await lock_run(conn, request.run_id)
+            table, key, target = "runs", "run_id", run
+            what = f"run {request.run_id}"
+            if request.chunk_id:
+                target = await _lock_chunk(conn, request.run_id, request.chunk_id)
+                table, key, what = "chunks", "chunk_id", f"chunk {request.chunk_id}"
+                if target["state"] in states.TASK_TERMINAL:
+                    raise FailedPrecondition(
+                        f"{what} is {states.task_state_name(target['state'])}"
+                    )
+            if run["state"] in states.RUN_TERMINAL:
+                raise FailedPrecondition(
+                    f"run {request.run_id} is {states.run_state_name(run['state'])}"
+                )
+            if request.dispatch_epoch and request.dispatch_epoch < target["dispatch_epoch"]:
+                raise FailedPrecondition(
+                    f"stale job for {what}: dispatch epoch {request.dispatch_epoch}, "
+                    f"current {target['dispatch_epoch']}"
+                )
+            live = target["claim_executor"] is not None and target["claim_expire"] > run["now"]
+            if live and target["claim_executor"] != request.executor_id:
+                raise FailedPrecondition(
+                    f"{what} is claimed by {target['claim_executor']} "
+                    f"until {target['claim_expire'].isoformat()}"
+                )
+            epoch = target["claim_epoch"] + 1
+            expire = run["now"] + timedelta(seconds=seconds)
+            await conn.execute(
+                f"UPDATE {table} SET claim_executor = $2, claim_epoch = $3, claim_time = $4,"
+                f" claim_expire = $5 WHERE {key} = $1",
+                request.chunk_id or request.run_id,
+                request.executor_id,
+                epoch,
+                run["now"],
+                expire,
+            )
+            log = EventLog(request.run_id, run["last_sequence"])
+            log.add(
+                E.RUN_EVENT_TYPE_CLAIMED,
+                common_pb2.Principal(id=request.executor_id),
+                chunk_id=request.chunk_id,
+                payload={"epoch": epoch, "expire_time": expire.isoformat()},
+            )
+            await log.flush(conn)
+            response = pb.ClaimRunResponse(
+                run=await read_run(conn, request.run_id, view=run_pb2.RUN_VIEW_FULL)
+            )
+            if request.chunk_id:
+                response.chunk.CopyFrom(await read_chunk(conn, request.chunk_id))
+                response.claim.CopyFrom(response.chunk.claim)
+            else:
+                response.claim.CopyFrom(response.run.claim)
+            await remember(conn, request, response)
+            return response
+
+        return await self.committer.submit(request.run_id, operation)
+
+    async def renew_claim(self, request: pb.RenewClaimRequest) -> pb.RenewClaimResponse:
+        require(request.request_id, "request_id")
+        require(request.run_id, "run_id")
+        require(request.executor_id, "executor_id")
+        seconds = lease_seconds(
+            request.lease_duration.ToTimedelta().total_seconds(),
+            default_s=self.default_lease_s,
+            max_s=self.max_lease_s,
+        )
+
+        async def operation(conn: asyncpg.Connection) -> pb.RenewClaimResponse:
+            earlier = await replayed(conn, request, pb.RenewClaimResponse)
+            if earlier is not None:
+                return earlier
+            run = await lock_run(conn, request.run_id)
+            target, table, key = run, "runs", request.run_id
+            if request.chunk_id:
+                target = await _lock_chunk(conn, request.run_id, request.chunk_id)
+                target = {**dict(target), "now": run["now"]}  # type: ignore[assignment]
+                table, key = "chunks", request.chunk_id
+            check_claim(target, request.epoch, what=f"{table[:-1]} {key}")
+            if target["claim_executor"] != request.executor_id:
+                raise FailedPrecondition(f"{table[:-1]} {key} is held by another executor")
+            expire = run["now"] + timedelta(seconds=seconds)
+            column = "run_id" if table == "runs" else "chunk_id"
+            await conn.execute(
+                f"UPDATE {table} SET claim_expire = $2 WHERE {column} = $1", key, expire
+            )
+            response = pb.RenewClaimResponse(
+                pending_control=run["pending_control"] if not request.chunk_id else 0
+            )
+            response.claim.executor_id = request.executor_id
+            response.claim.epoch = request.epoch
+            response.claim.expire_time.FromDatetime(expire)
+            if target["claim_time"] is not None:
+                response.claim.claim_time.FromDatetime(target["claim_time"])
+            await remember(conn, request, response)
+            return response
+
+        return await self.committer.submit(request.run_id, operation)
+
+    async def release_claim(self, request: pb.ReleaseClaimRequest) -> pb.ReleaseClaimResponse:
+        require(request.request_id, "request_id")
+        require(request.run_id, "run_id")
+        require(request.executor_id, "executor_id")
+
+        async def operation(conn: asyncpg.Connection) -> pb.ReleaseClaimResponse:
+            earlier = await replayed(conn, request, pb.ReleaseClaimResponse)
+            if earlier is not None:
+                return earlier
+            run = await lock_run(conn, request.run_id)
+            target, table, key = run, "runs", request.run_id
+            if request.chunk_id:
+                target = await _lock_chunk(conn, request.run_id, request.chunk_id)
+                table, key = "chunks", request.chunk_id
+            if request.epoch != target["claim_epoch"]:
+                raise FailedPrecondition(
+                    f"stale epoch {request.epoch}: claimed under epoch {target['claim_epoch']}"
+                )
+            column = "run_id" if table == "runs" else "chunk_id"
+            await conn.execute(
+                f"UPDATE {table} SET claim_executor = NULL, claim_expire = NULL"
+                f" WHERE {column} = $1",
+                key,
+            )
+            log = EventLog(request.run_id, run["last_sequence"])
+            log.add(
+                E.RUN_EVENT_TYPE_CLAIM_RELEASED,
+                common_pb2.Principal(id=request.executor_id),
+                chunk_id=request.chunk_id,
+                payload={"epoch": request.epoch, "reason": request.reason},
+            )
+            await log.flush(conn)
+            response = pb.ReleaseClaimResponse()
+            response.claim.epoch = request.epoch
+            await remember(conn, request, response)
+            return response
+
+        return await self.committer.submit(request.run_id, operation)
+
+    # --- transitions ---------------------------------------------------------------
+
+    async def transition_run(self, request: pb.TransitionRunRequest) -> pb.TransitionRunResponse:
+        require(request.request_id, "request_id")
+        require(request.run_id, "run_id")
+        principal(request.actor)
+        target = request.state
+        if target == R.WORKFLOW_RUN_STATE_UNSPECIFIED or target not in R.values():
+            raise InvalidArgument("state must be a WorkflowRunState")
+        if target in states.NEEDS_FAILURE_RUN:
+            require_failure(request.failure, states.run_state_name(target))
+        check_size(request.outputs, "outputs")
+
+        async def operation(conn: asyncpg.Connection) -> pb.TransitionRunResponse:
+            earlier = await replayed(conn, request, pb.TransitionRunResponse)
+            if earlier is not None:
+                return earlier
+            run = await lock_run(conn, request.run_id)
+            check_claim(run, request.epoch, what=f"run {request.run_id}")
+            log = EventLog(request.run_id, run["last_sequence"])
+            sequence = await _apply_run_state(
+                conn,
+                run,
+                log,
+                target,
+                actor=request.actor,
+                failure=request.failure if request.HasField("failure") else None,
+                outputs=request.outputs if request.HasField("outputs") else None,
+                reason=request.reason,
+            )
+            await log.flush(conn)
+            response = pb.TransitionRunResponse(
+                run=await read_run(conn, request.run_id, view=run_pb2.RUN_VIEW_BASIC),
+                event_sequence=sequence,
+            )
+            await remember(conn, request, response)
+            return response
+
+        return await self.committer.submit(request.run_id, operation)
+
+    async def transition_task(
+        self, request: pb.TransitionTaskRequest
+    ) -> pb.TransitionTaskResponse:
+        require(request.request_id, "request_id")
+        require(request.run_id, "run_id")
+        require(request.task_id, "task_id")
+        principal(request.actor)
+        _validate_step_change(request.state, request.failure, request.output, request.attempt)
+
+        async def operation(conn: asyncpg.Connection) -> pb.TransitionTaskResponse:
+            earlier = await replayed(conn, request, pb.TransitionTaskResponse)
+            if earlier is not None:
+                return earlier
+            run = await lock_run(conn, request.run_id)
+            check_claim(run, request.epoch, what=f"run {request.run_id}")
+            if run["state"] in states.RUN_TERMINAL:
+                raise FailedPrecondition(
+                    f"run {request.run_id} is {states.run_state_name(run['state'])}"
+                )
+            task = await conn.fetchrow(
+                "SELECT * FROM tasks WHERE task_id = $1 AND run_id = $2 FOR UPDATE",
+                request.task_id,
+                request.run_id,
+            )
+            if task is None:
+                raise NotFound(f"task {request.task_id!r} is not part of run {request.run_id}")
+            log = EventLog(request.run_id, run["last_sequence"])
+            sequence = await _apply_step_change(
+                conn,
+                log,
+                table="tasks",
+                row=task,
+                owner_id=request.task_id,
+                task_id=request.task_id,
+                chunk_id=None,
+                state=request.state,
+                attempt=request.attempt if request.HasField("attempt") else None,
+                output=request.output if request.HasField("output") else None,
+                failure=request.failure if request.HasField("failure") else None,
+                actor=request.actor,
+                executor_id=run["claim_executor"] or "",
+                epoch=request.epoch,
+                extra={
+                    "child_run_id": request.child_run_id or None,
+                    "approval_id": request.approval_id or None,
+                },
+            )
+            await log.flush(conn)
+            response = pb.TransitionTaskResponse(
+                task=await read_task(conn, request.task_id), event_sequence=sequence
+            )
+            await remember(conn, request, response)
+            return response
+
+        return await self.committer.submit(request.run_id, operation)
+
+    async def transition_chunk(
+        self, request: pb.TransitionChunkRequest
+    ) -> pb.TransitionChunkResponse:
+        require(request.request_id, "request_id")
+        require(request.run_id, "run_id")
+        require(request.chunk_id, "chunk_id")
+        principal(request.actor)
+        _validate_step_change(request.state, request.failure, request.output, request.attempt)
+
+        async def operation(conn: asyncpg.Connection) -> pb.TransitionChunkResponse:
+            earlier = await replayed(conn, request, pb.TransitionChunkResponse)
+            if earlier is not None:
+                return earlier
+            run = await lock_run(conn, request.run_id)
+            chunk = await _lock_chunk(conn, request.run_id, request.chunk_id)
+            if request.use_run_claim:
+                check_claim(run, request.epoch, what=f"run {request.run_id}")
+                executor = run["claim_executor"] or ""
+            else:
+                check_claim(
+                    {**dict(chunk), "now": run["now"]},  # type: ignore[arg-type]
+                    request.epoch,
+                    what=f"chunk {request.chunk_id}",
+                )
+                executor = chunk["claim_executor"] or ""
+            if run["state"] in states.RUN_TERMINAL:
+                raise FailedPrecondition(
+                    f"run {request.run_id} is {states.run_state_name(run['state'])}"
+                )
+            log = EventLog(request.run_id, run["last_sequence"])
+            sequence = await _apply_step_change(
+                conn,
+                log,
+                table="chunks",
+                row=chunk,
+                owner_id=request.chunk_id,
+                task_id=chunk["task_id"],
+                chunk_id=request.chunk_id,
+                state=request.state,
+                attempt=request.attempt if request.HasField("attempt") else None,
+                output=request.output if request.HasField("output") else None,
+                failure=request.failure if request.HasField("failure") else None,
+                actor=request.actor,
+                executor_id=executor,
+                epoch=request.epoch,
+                extra={},
+            )
+            await log.flush(conn)
+            response = pb.TransitionChunkResponse(
+                chunk=await read_chunk(conn, request.chunk_id),
+                counts=await read_chunk_counts(conn, chunk["task_id"]),
+                event_sequence=sequence,
+            )
+            await remember(conn, request, response)
+            return response
+
+        return await self.committer.submit(request.run_id, operation)
+
+    # --- chunks, dispatch, control -------------------------------------------------
+
+    async def create_chunks(self, request: pb.CreateChunksRequest) -> pb.CreateChunksResponse:
+        require(request.request_id, "request_id")
+        require(request.run_id, "run_id")
+        require(request.task_id, "task_id")
+        principal(request.actor)
+        if request.first_index < 0:
+            raise InvalidArgument("first_index must not be negative")
+        for index, record in enumerate(request.records):
+            check_size(record, f"records[{index}]")
+
+        async def operation(conn: asyncpg.Connection) -> pb.CreateChunksResponse:
+            earlier = await replayed(conn, request, pb.CreateChunksResponse)
+            if earlier is not None:
+                return earlier
+            run = await lock_run(conn, request.run_id)
+            check_claim(run, request.epoch, what=f"run {request.run_id}")
+            task = await conn.fetchrow(
+                "SELECT * FROM tasks WHERE task_id = $1 AND run_id = $2 FOR UPDATE",
+                request.task_id,
+                request.run_id,
+            )
+            if task is None:
+                raise NotFound(f"task {request.task_id!r} is not part of run {request.run_id}")
+            if task["kind"] != workflow_pb2.STEP_KIND_CHUNKED:
+                raise FailedPrecondition(f"task {request.task_id} is not a chunked step")
+            if task["state"] != T.TASK_RUN_STATE_RUNNING:
+                raise FailedPrecondition(
+                    f"task {request.task_id} is {states.task_state_name(task['state'])};"
+                    " chunks are recorded while it is RUNNING"
+                )
+            if task["chunks_complete"]:
+                raise FailedPrecondition(f"the chunks of task {request.task_id} are complete")
+            if request.first_index != task["chunks_total"]:
+                raise FailedPrecondition(
+                    f"first_index {request.first_index} leaves a gap or overlap: "
+                    f"{task['chunks_total']} chunks are recorded"
+                )
+            rows = [
+                (
+                    f"{request.task_id}#{request.first_index + offset}",
+                    request.task_id,
+                    request.run_id,
+                    request.first_index + offset,
+                    convert.to_dict(record),
+                    T.TASK_RUN_STATE_PENDING,
+                )
+                for offset, record in enumerate(request.records)
+            ]
+            await conn.executemany(
+                "INSERT INTO chunks (chunk_id, task_id, run_id, index, record, state)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                rows,
+            )
+            await conn.execute(
+                "UPDATE tasks SET chunks_total = chunks_total + $2, chunks_complete = $3"
+                " WHERE task_id = $1",
+                request.task_id,
+                len(rows),
+                request.last_batch,
+            )
+            log = EventLog(request.run_id, run["last_sequence"])
+            log.add(
+                E.RUN_EVENT_TYPE_CHUNKS_CREATED,
+                request.actor,
+                task_id=request.task_id,
+                payload={
+                    "first_index": request.first_index,
+                    "count": len(rows),
+                    "last_batch": request.last_batch,
+                },
+            )
+            await log.flush(conn)
+            chunks = await conn.fetch(
+                "SELECT * FROM chunks WHERE task_id = $1 AND index >= $2 ORDER BY index",
+                request.task_id,
+                request.first_index,
+            )
+            response = pb.CreateChunksResponse(
+                chunks=[convert.chunk(c, []) for c in chunks],
+                counts=await read_chunk_counts(conn, request.task_id),
+            )
+            await remember(conn, request, response)
+            return response
+
+        return await self.committer.submit(request.run_id, operation)
+
+    async def record_dispatch(
+        self, request: pb.RecordDispatchRequest
+    ) -> pb.RecordDispatchResponse:
+        require(request.request_id, "request_id")
+        require(request.run_id, "run_id")
+        principal(request.actor)
+
+        async def operation(conn: asyncpg.Connection) -> pb.RecordDispatchResponse:
+            earlier = await replayed(conn, request, pb.RecordDispatchResponse)
+            if earlier is not None:
+                return earlier
+            run = await lock_run(conn, request.run_id)
+            target, table, key = run, "runs", request.run_id
+            if request.chunk_id:
+                target = await _lock_chunk(conn, request.run_id, request.chunk_id)
+                table, key = "chunks", request.chunk_id
+            if run["state"] in states.RUN_TERMINAL:
+                raise FailedPrecondition(
+                    f"run {request.run_id} is {states.run_state_name(run['state'])}"
+                )
+            if request.expected_dispatch_epoch != target["dispatch_epoch"]:
+                raise Aborted(
+                    f"dispatch epoch of {key} is {target['dispatch_epoch']}, "
+                    f"not {request.expected_dispatch_epoch}: someone else dispatched it"
+                )
+            epoch = target["dispatch_epoch"] + 1
+            column = "run_id" if table == "runs" else "chunk_id"
+            await conn.execute(
+                f"UPDATE {table} SET dispatch_epoch = $2 WHERE {column} = $1", key, epoch
+            )
+            log = EventLog(request.run_id, run["last_sequence"])
+            log.add(
+                E.RUN_EVENT_TYPE_DISPATCHED,
+                request.actor,
+                chunk_id=request.chunk_id,
+                payload={"dispatch_epoch": epoch, "reason": request.reason},
+            )
+            await log.flush(conn)
+            response = pb.RecordDispatchResponse(dispatch_epoch=epoch)
+            await remember(conn, request, response)
+            return response
+
+        return await self.committer.submit(request.run_id, operation)
+
+    async def request_control(
+        self, request: pb.RequestControlRequest
+    ) -> pb.RequestControlResponse:
+        require(request.request_id, "request_id")
+        require(request.run_id, "run_id")
+        principal(request.actor)
+        if request.action not in (C.CONTROL_ACTION_CANCEL, C.CONTROL_ACTION_PAUSE,
+                                  C.CONTROL_ACTION_RESUME):
+            raise InvalidArgument("action must be CANCEL, PAUSE or RESUME")
+
+        async def operation(conn: asyncpg.Connection) -> pb.RequestControlResponse:
+            earlier = await replayed(conn, request, pb.RequestControlResponse)
+            if earlier is not None:
+                return earlier
+            run = await lock_run(conn, request.run_id)
+            state = run["state"]
+            if state in states.RUN_TERMINAL:
+                raise FailedPrecondition(
+                    f"run {request.run_id} is {states.run_state_name(state)}; it cannot be "
+                    f"{C.Name(request.action).removeprefix('CONTROL_ACTION_').lower()}ed"
+                )
+            live = run["claim_executor"] is not None and run["claim_expire"] > run["now"]
+            log = EventLog(request.run_id, run["last_sequence"])
+            action_name = C.Name(request.action).removeprefix("CONTROL_ACTION_")
+            log.add(
+                E.RUN_EVENT_TYPE_CONTROL_REQUESTED,
+                request.actor,
+                payload={"action": action_name, "reason": request.reason},
+                typed=(
+                    "run_control",
+                    events_pb2.RunControl(action=request.action, reason=request.reason),
+                ),
+            )
+            applied = False
+            pending = request.action
+            if request.action == C.CONTROL_ACTION_CANCEL and not live:
+                failure = common_pb2.Failure(
+                    reason=common_pb2.FAILURE_REASON_CANCELLED,
+                    message=request.reason or f"cancelled by {request.actor.id}",
+                )
+                await _apply_run_state(
+                    conn, run, log, R.WORKFLOW_RUN_STATE_CANCELLED,
+                    actor=request.actor, failure=failure, outputs=None, reason=request.reason,
+                )
+                applied, pending = True, C.CONTROL_ACTION_UNSPECIFIED
+            elif request.action == C.CONTROL_ACTION_RESUME:
+                if state != R.WORKFLOW_RUN_STATE_PAUSED and (
+                    run["pending_control"] != C.CONTROL_ACTION_PAUSE
+                ):
+                    raise FailedPrecondition(f"run {request.run_id} is not paused")
+                # A pause not yet applied is simply withdrawn; a paused run is
+                # continued by the executor that claims it next.
+                applied = run["pending_control"] == C.CONTROL_ACTION_PAUSE or not live
+                pending = C.CONTROL_ACTION_UNSPECIFIED if applied else pending
+            elif request.action == C.CONTROL_ACTION_PAUSE and state == R.WORKFLOW_RUN_STATE_PAUSED:
+                applied, pending = True, C.CONTROL_ACTION_UNSPECIFIED
+            await conn.execute(
+                "UPDATE runs SET pending_control = $2 WHERE run_id = $1", request.run_id, pending
+            )
+            await log.flush(conn)
+            response = pb.RequestControlResponse(
+                run=await read_run(conn, request.run_id, view=run_pb2.RUN_VIEW_BASIC),
+                applied=applied,
+            )
+            await remember(conn, request, response)
+            return response
+
+        return await self.committer.submit(request.run_id, operation)
+
+    async def rerun_from(self, request: pb.RerunFromRequest) -> pb.RerunFromResponse:
+        require(request.request_id, "request_id")
+        require(request.run_id, "run_id")
+        require(request.step_id, "step_id")
+        require(request.actor, "actor")
+        actor = common_pb2.Principal(id=request.actor)
+
+        async def operation(conn: asyncpg.Connection) -> pb.RerunFromResponse:
+            earlier = await replayed(conn, request, pb.RerunFromResponse)
+            if earlier is not None:
+                return earlier
+            run = await lock_run(conn, request.run_id)
+            if run["state"] not in (
+                R.WORKFLOW_RUN_STATE_FAILED,
+                R.WORKFLOW_RUN_STATE_TIMED_OUT,
+                R.WORKFLOW_RUN_STATE_CANCELLED,
+            ):
+                raise FailedPrecondition(
+                    f"run {request.run_id} is {states.run_state_name(run['state'])}; only a "
+                    "FAILED, TIMED_OUT or CANCELLED run can be rerun"
+                )
+            tasks = await conn.fetch(
+                "SELECT * FROM tasks WHERE run_id = $1 ORDER BY ordinal FOR UPDATE",
+                request.run_id,
+            )
+            start = next((t for t in tasks if t["step_id"] == request.step_id), None)
+            if start is None:
+                raise InvalidArgument(f"step_id {request.step_id!r} is not a step of this run")
+            if request.failed_chunks_only and start["kind"] != workflow_pb2.STEP_KIND_CHUNKED:
+                raise InvalidArgument("failed_chunks_only needs step_id to name a chunked step")
+            log = EventLog(request.run_id, run["last_sequence"])
+            for task in tasks:
+                if task["ordinal"] < start["ordinal"]:
+                    continue  # steps before the rerun point keep their outcome and output
+                await conn.execute(
+                    "UPDATE tasks SET state = $2, output = NULL, failure = NULL, end_time = NULL"
+                    " WHERE task_id = $1",
+                    task["task_id"],
+                    T.TASK_RUN_STATE_PENDING,
+                )
+                log.add(
+                    E.RUN_EVENT_TYPE_TASK_STATE_CHANGED,
+                    actor,
+                    task_id=task["task_id"],
+                    payload={
+                        "from_state": states.task_state_name(task["state"]),
+                        "to_state": "PENDING",
+                        "reason": "rerun",
+                    },
+                )
+            if request.failed_chunks_only:
+                await conn.execute(
+                    "UPDATE chunks SET state = $2, failure = NULL, end_time = NULL,"
+                    " dispatch_epoch = dispatch_epoch + 1"
+                    " WHERE task_id = $1 AND state <> $3",
+                    start["task_id"],
+                    T.TASK_RUN_STATE_PENDING,
+                    T.TASK_RUN_STATE_SUCCEEDED,
+                )
+            await conn.execute(
+                "UPDATE runs SET state = $2, failure = NULL, outputs = NULL, end_time = NULL,"
+                " rerun_count = rerun_count + 1, dispatch_epoch = dispatch_epoch + 1,"
+                " pending_control = 0, claim_executor = NULL, claim_expire = NULL"
+                " WHERE run_id = $1",
+                request.run_id,
+                R.WORKFLOW_RUN_STATE_PENDING,
+            )
+            log.add(
+                E.RUN_EVENT_TYPE_RUN_STATE_CHANGED,
+                actor,
+                payload={
+                    "from_state": states.run_state_name(run["state"]),
+                    "to_state": "PENDING",
+                    "reason": request.reason,
+                    "rerun_from_step": request.step_id,
+                    "failed_chunks_only": request.failed_chunks_only,
+                },
+                typed=(
+                    "run_state_changed",
+                    events_pb2.RunStateChanged(
+                        workflow_name=run["workflow_name"],
+                        workflow_version=run["workflow_version"],
+                        from_state=run["state"],
+                        to_state=R.WORKFLOW_RUN_STATE_PENDING,
+                    ),
+                ),
+            )
+            await log.flush(conn)
+            response = pb.RerunFromResponse(
+                run=await read_run(conn, request.run_id, view=run_pb2.RUN_VIEW_TASKS)
+            )
+            await remember(conn, request, response)
+            return response
+
+        return await self.committer.submit(request.run_id, operation)
+
+
+# --- shared pieces of the operations -----------------------------------------------
+
+
+async def _lock_chunk(conn: asyncpg.Connection, run_id: str, chunk_id: str) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        "SELECT * FROM chunks WHERE chunk_id = $1 AND run_id = $2 FOR UPDATE", chunk_id, run_id
+    )
+    if row is None:
+        raise NotFound(f"chunk {chunk_id!r} is not part of run {run_id}")
+    return row
+
+
+def _validate_step_change(
+    state: int,
+    failure: common_pb2.Failure,
+    output: Any,
+    attempt: pb.AttemptUpdate,
+) -> None:
+    if state == T.TASK_RUN_STATE_UNSPECIFIED or state not in T.values():
+        raise InvalidArgument("state must be a TaskRunState")
+    if state in states.NEEDS_FAILURE_TASK:
+        require_failure(failure, states.task_state_name(state))
+    check_size(output, "output")
+    if attempt.attempt_number < 0:
+        raise InvalidArgument("attempt.attempt_number must be positive")
+
+
+async def _apply_run_state(
+    conn: asyncpg.Connection,
+    run: asyncpg.Record,
+    log: EventLog,
+    target: int,
+    *,
+    actor: common_pb2.Principal,
+    failure: common_pb2.Failure | None,
+    outputs: Any,
+    reason: str,
+) -> int:
+    """Move a run to ``target``; a terminal state also ends its open tasks and chunks."""
+    current = run["state"]
+    if not states.run_transition_allowed(current, target):
+        raise FailedPrecondition(
+            f"run {run['run_id']} cannot go from {states.run_state_name(current)} "
+            f"to {states.run_state_name(target)}"
+        )
+    terminal = target in states.RUN_TERMINAL
+    if terminal:
+        await _end_open_steps(conn, run, log, target, actor)
+    await conn.execute(
+        "UPDATE runs SET state = $2::smallint, update_time = clock_timestamp(),"
+        " start_time = CASE WHEN $2::smallint = 2 THEN coalesce(start_time, clock_timestamp())"
+        "   ELSE start_time END,"
+        " end_time = CASE WHEN $3 THEN clock_timestamp() ELSE end_time END,"
+        " failure = coalesce($4, CASE WHEN $2::smallint = 2 THEN NULL ELSE failure END),"
+        " outputs = coalesce($5, outputs),"
+        " pending_control = CASE WHEN $3 OR ($2::smallint = 4 AND pending_control = 2) THEN 0"
+        "   ELSE pending_control END"
+        " WHERE run_id = $1",
+        run["run_id"],
+        target,
+        terminal,
+        _failure_json(failure),
+        convert.to_dict(outputs) if outputs is not None else None,
+    )
+    return log.add(
+        E.RUN_EVENT_TYPE_RUN_STATE_CHANGED,
+        actor,
+        payload={
+            "from_state": states.run_state_name(current),
+            "to_state": states.run_state_name(target),
+            "failure": _failure_json(failure),
+            "reason": reason,
+        },
+        typed=(
+            "run_state_changed",
+            events_pb2.RunStateChanged(
+                workflow_name=run["workflow_name"],
+                workflow_version=run["workflow_version"],
+                from_state=current,
+                to_state=target,  # type: ignore[arg-type]
+                failure=failure,
+                parent_run_id=run["parent_run_id"] or "",
+            ),
+        ),
+    )
+
+
+async def _end_open_steps(
+    conn: asyncpg.Connection,
+    run: asyncpg.Record,
+    log: EventLog,
+    run_target: int,
+    actor: common_pb2.Principal,
+) -> None:
+    """When a run ends: PENDING tasks and chunks are SKIPPED; RUNNING or SUSPENDED
+    ones are CANCELLED (a run cannot succeed while one is still running)."""
+    open_steps = await conn.fetch(
+        "SELECT 'tasks' AS tbl, task_id AS id, task_id, NULL AS chunk_id, state"
+        " FROM tasks WHERE run_id = $1 AND state IN (1, 2, 3)"
+        " UNION ALL SELECT 'chunks', chunk_id, task_id, chunk_id, state"
+        " FROM chunks WHERE run_id = $1 AND state IN (1, 2, 3)",
+        run["run_id"],
+    )
+    running = [s for s in open_steps if s["state"] != T.TASK_RUN_STATE_PENDING]
+    if running and run_target == R.WORKFLOW_RUN_STATE_SUCCEEDED:
+        raise FailedPrecondition(
+            f"run {run['run_id']} cannot succeed while {running[0]['id']} is "
+            f"{states.task_state_name(running[0]['state'])}"
+        )
+    ended = common_pb2.Failure(
+        reason=common_pb2.FAILURE_REASON_CANCELLED,
+        message=f"the run ended {states.run_state_name(run_target)}",
+    )
+    for step in open_steps:
+        new = (
+            T.TASK_RUN_STATE_SKIPPED
+            if step["state"] == T.TASK_RUN_STATE_PENDING
+            else T.TASK_RUN_STATE_CANCELLED
+        )
+        key = "task_id" if step["tbl"] == "tasks" else "chunk_id"
+        await conn.execute(
+            f"UPDATE {step['tbl']} SET state = $2::smallint, end_time = clock_timestamp(),"
+            f" failure = CASE WHEN $2::smallint = 7 THEN $3::jsonb ELSE failure END WHERE {key} = $1",
+            step["id"],
+            new,
+            convert.to_dict(ended),
+        )
+        await conn.execute(
+            "UPDATE attempts SET state = $2, end_time = clock_timestamp(), failure = $3"
+            " WHERE owner_id = $1 AND end_time IS NULL",
+            step["id"],
+            T.TASK_RUN_STATE_CANCELLED,
+            convert.to_dict(ended),
+        )
+        is_chunk = step["tbl"] == "chunks"
+        log.add(
+            E.RUN_EVENT_TYPE_CHUNK_STATE_CHANGED if is_chunk else E.RUN_EVENT_TYPE_TASK_STATE_CHANGED,
+            actor,
+            task_id=step["task_id"],
+            chunk_id=step["chunk_id"] or "",
+            payload={
+                "from_state": states.task_state_name(step["state"]),
+                "to_state": states.task_state_name(new),
+                "reason": "run_ended",
+            },
+        )
+
+
+async def _apply_step_change(
+    conn: asyncpg.Connection,
+    log: EventLog,
+    *,
+    table: str,
+    row: asyncpg.Record,
+    owner_id: str,
+    task_id: str,
+    chunk_id: str | None,
+    state: int,
+    attempt: pb.AttemptUpdate | None,
+    output: Any,
+    failure: common_pb2.Failure | None,
+    actor: common_pb2.Principal,
+    executor_id: str,
+    epoch: int,
+    extra: dict[str, Any],
+) -> int:
+    """Apply a task or chunk transition and the attempt it starts or ends."""
+    current = row["state"]
+    what = f"{'chunk' if chunk_id else 'task'} {owner_id}"
+    if not states.task_transition_allowed(current, state):
+        raise FailedPrecondition(
+            f"{what} cannot go from {states.task_state_name(current)} "
+            f"to {states.task_state_name(state)}"
+        )
+    last = await conn.fetchrow(
+        "SELECT attempt_number, state, end_time FROM attempts WHERE owner_id = $1"
+        " ORDER BY attempt_number DESC LIMIT 1",
+        owner_id,
+    )
+    last_number = last["attempt_number"] if last else 0
+    open_attempt = last is not None and last["end_time"] is None
+    # Attempts: explicit when given; otherwise implied by the state change.
+    start_number = 0
+    end_state = 0
+    reason = ""
+    if attempt is not None and attempt.attempt_number:
+        if attempt.state == T.TASK_RUN_STATE_RUNNING:
+            if open_attempt:
+                raise FailedPrecondition(f"attempt {last_number} of {what} is still open")
+            if attempt.attempt_number != last_number + 1:
+                raise FailedPrecondition(
+                    f"the next attempt of {what} is {last_number + 1}, "
+                    f"not {attempt.attempt_number}"
+                )
+            start_number, reason = attempt.attempt_number, attempt.reason or "retry"
+        elif attempt.state in states.ATTEMPT_END:
+            if not open_attempt or attempt.attempt_number != last_number:
+                raise FailedPrecondition(
+                    f"attempt {attempt.attempt_number} of {what} is not the open attempt"
+                )
+            end_state = attempt.state
+        else:
+            raise InvalidArgument("attempt.state must be RUNNING or a terminal state")
+    elif current == T.TASK_RUN_STATE_PENDING and state == T.TASK_RUN_STATE_RUNNING:
+        start_number, reason = last_number + 1, "initial"
+    elif state in states.ATTEMPT_END and open_attempt:
+        end_state = state
+    if state == T.TASK_RUN_STATE_RUNNING and current == T.TASK_RUN_STATE_PENDING and not start_number:
+        raise FailedPrecondition(f"{what} starts RUNNING with a new attempt")
+    if state in states.ATTEMPT_END and state != T.TASK_RUN_STATE_RUNNING and open_attempt:
+        end_state = end_state or state
+    failure_json = _failure_json(failure)
+    attempt_failure = _failure_json(
+        attempt.failure if attempt is not None and attempt.HasField("failure") else failure
+    )
+    if end_state:
+        await conn.execute(
+            "UPDATE attempts SET state = $3, end_time = clock_timestamp(), failure = $4"
+            " WHERE owner_id = $1 AND attempt_number = $2",
+            owner_id,
+            last_number,
+            end_state,
+            attempt_failure if end_state != T.TASK_RUN_STATE_SUCCEEDED else None,
+        )
+        log.add(
+            E.RUN_EVENT_TYPE_ATTEMPT_RECORDED,
+            actor,
+            task_id=task_id,
+            chunk_id=chunk_id or "",
+            payload={
+                "attempt_number": last_number,
+                "state": states.task_state_name(end_state),
+                "failure": attempt_failure if end_state != T.TASK_RUN_STATE_SUCCEEDED else None,
+            },
+        )
+    if start_number:
+        await conn.execute(
+            "INSERT INTO attempts (owner_id, run_id, task_id, chunk_id, attempt_number, state,"
+            " reason, executor_id, claim_epoch, device_serial, device_lease_id)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            owner_id,
+            log.run_id,
+            task_id,
+            chunk_id,
+            start_number,
+            T.TASK_RUN_STATE_RUNNING,
+            reason,
+            executor_id,
+            epoch,
+            attempt.device_serial if attempt is not None else "",
+            attempt.device_lease_id if attempt is not None else "",
+        )
+        log.add(
+            E.RUN_EVENT_TYPE_ATTEMPT_RECORDED,
+            actor,
+            task_id=task_id,
+            chunk_id=chunk_id or "",
+            payload={"attempt_number": start_number, "state": "RUNNING", "reason": reason},
+        )
+    terminal = state in states.TASK_TERMINAL
+    key = "chunk_id" if table == "chunks" else "task_id"
+    extra_sets = "".join(
+        f", {column} = coalesce(${6 + i}, {column})" for i, column in enumerate(extra)
+    )
+    await conn.execute(
+        f"UPDATE {table} SET state = $2::smallint,"
+        " start_time = CASE WHEN $2::smallint = 2 THEN coalesce(start_time, clock_timestamp())"
+        "   ELSE start_time END,"
+        " end_time = CASE WHEN $3 THEN clock_timestamp() ELSE end_time END,"
+        " output = coalesce($4, output), failure = coalesce($5, failure)"
+        f"{extra_sets} WHERE {key} = $1",
+        owner_id,
+        state,
+        terminal,
+        convert.to_dict(output) if output is not None else None,
+        failure_json,
+        *extra.values(),
+    )
+    if state == current and not end_state and not start_number:
+        return log.last_sequence
+    number = start_number or last_number
+    if state == current:
+        return log.last_sequence
+    typed: tuple[str, Message]
+    if chunk_id:
+        typed = (
+            "chunk_state_changed",
+            events_pb2.ChunkStateChanged(
+                task_id=task_id,
+                chunk_id=chunk_id,
+                index=row["index"],
+                from_state=current,
+                to_state=state,  # type: ignore[arg-type]
+                attempt_number=number,
+                failure=failure,
+            ),
+        )
+    else:
+        typed = (
+            "task_state_changed",
+            events_pb2.TaskStateChanged(
+                task_id=task_id,
+                step_id=row["step_id"],
+                from_state=current,
+                to_state=state,  # type: ignore[arg-type]
+                attempt_number=number,
+                failure=failure,
+            ),
+        )
+    return log.add(
+        E.RUN_EVENT_TYPE_CHUNK_STATE_CHANGED if chunk_id else E.RUN_EVENT_TYPE_TASK_STATE_CHANGED,
+        actor,
+        task_id=task_id,
+        chunk_id=chunk_id or "",
+        payload={
+            "from_state": states.task_state_name(current),
+            "to_state": states.task_state_name(state),
+            "attempt_number": number,
+            "failure": failure_json,
+        },
+        typed=typed,
+    )
+
+
+# --- reads used by writes and queries ----------------------------------------------
+
+
+async def read_chunk_counts(conn: asyncpg.Connection, task_id: str) -> run_pb2.ChunkCounts:
+    rows = await conn.fetch(
+        "SELECT state, count(*) AS n FROM chunks WHERE task_id = $1 GROUP BY state", task_id
+    )
+    complete = await conn.fetchval("SELECT chunks_complete FROM tasks WHERE task_id = $1", task_id)
+    return convert.chunk_counts(list(rows), complete=bool(complete))
+
+
+async def read_task(conn: asyncpg.Connection, task_id: str) -> run_pb2.TaskRun:
+    row = await conn.fetchrow("SELECT * FROM tasks WHERE task_id = $1", task_id)
+    if row is None:
+        raise NotFound(f"task {task_id!r} does not exist")
+    attempts = await conn.fetch(
+        "SELECT * FROM attempts WHERE owner_id = $1 ORDER BY attempt_number", task_id
+    )
+    counts = None
+    if row["kind"] == workflow_pb2.STEP_KIND_CHUNKED:
+        counts = await read_chunk_counts(conn, task_id)
+    return convert.task(row, list(attempts), counts)
+
+
+async def read_chunk(conn: asyncpg.Connection, chunk_id: str) -> run_pb2.ChunkRun:
+    row = await conn.fetchrow("SELECT * FROM chunks WHERE chunk_id = $1", chunk_id)
+    if row is None:
+        raise NotFound(f"chunk {chunk_id!r} does not exist")
+    attempts = await conn.fetch(
+        "SELECT * FROM attempts WHERE owner_id = $1 ORDER BY attempt_number", chunk_id
+    )
+    return convert.chunk(row, list(attempts))
+
+
+async def read_run(
+    conn: asyncpg.Connection, run_id: str, *, view: int
+) -> run_pb2.WorkflowRun:
+    row = await conn.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
+    if row is None:
+        raise NotFound(f"run {run_id!r} does not exist")
+    result = convert.run(row, with_definition=view == run_pb2.RUN_VIEW_FULL)
+    if view in (run_pb2.RUN_VIEW_TASKS, run_pb2.RUN_VIEW_FULL):
+        tasks = await conn.fetch("SELECT * FROM tasks WHERE run_id = $1 ORDER BY ordinal", run_id)
+        attempts = await conn.fetch(
+            "SELECT * FROM attempts WHERE run_id = $1 AND chunk_id IS NULL"
+            " ORDER BY owner_id, attempt_number",
+            run_id,
+        )
+        by_owner: dict[str, list[asyncpg.Record]] = {}
+        for attempt in attempts:
+            by_owner.setdefault(attempt["owner_id"], []).append(attempt)
+        counts_rows = await conn.fetch(
+            "SELECT task_id, state, count(*) AS n FROM chunks WHERE run_id = $1"
+            " GROUP BY task_id, state",
+            run_id,
+        )
+        counts_by_task: dict[str, list[asyncpg.Record]] = {}
+        for c in counts_rows:
+            counts_by_task.setdefault(c["task_id"], []).append(c)
+        for task in tasks:
+            counts = None
+            if task["kind"] == workflow_pb2.STEP_KIND_CHUNKED:
+                counts = convert.chunk_counts(
+                    counts_by_task.get(task["task_id"], []), complete=task["chunks_complete"]
+                )
+            result.tasks.append(convert.task(task, by_owner.get(task["task_id"], []), counts))
+    return result
+
+

@@ -1,0 +1,134 @@
+"""Pre-flight commit: CreateRun and CreateChunks, atomic and idempotent."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from stepline.api.common.v1 import common_pb2, run_pb2
+from stepline.api.ledger.v1 import ledger_pb2 as pb
+from stepline.common.errors import Aborted, FailedPrecondition, InvalidArgument
+
+from .conftest import ACTOR, Ledger, claimed_run, create_request
+
+R = common_pb2.WorkflowRunState
+T = common_pb2.TaskRunState
+
+
+async def _counts(pool: asyncpg.Pool) -> dict[str, int]:
+    return {
+        table: await pool.fetchval(f"SELECT count(*) FROM {table}")
+        for table in ("runs", "tasks", "events", "outbox", "requests")
+    }
+
+
+async def test_create_run_records_the_run_and_every_task(ledger: Ledger) -> None:
+    response = await ledger.store.create_run(create_request())
+    run = response.run
+    assert response.created
+    assert run.state == R.WORKFLOW_RUN_STATE_PENDING
+    assert run.dispatch_epoch == 1
+    assert [t.task_id for t in run.tasks] == [f"{run.run_id}/{s}" for s in ("a", "b", "c")]
+    assert [t.ordinal for t in run.tasks] == [0, 1, 2]
+    assert all(t.state == T.TASK_RUN_STATE_PENDING for t in run.tasks)
+    assert run.inputs["who"] == "world"
+    events = await ledger.pool.fetch("SELECT sequence, type FROM events ORDER BY sequence")
+    assert [(e["sequence"], e["type"]) for e in events] == [(1, run_pb2.RUN_EVENT_TYPE_RUN_CREATED)]
+    assert await ledger.pool.fetchval("SELECT count(*) FROM outbox") == 1
+
+
+async def test_create_run_is_idempotent(ledger: Ledger) -> None:
+    first = await ledger.store.create_run(create_request("same"))
+    before = await _counts(ledger.pool)
+    again = await ledger.store.create_run(create_request("same"))
+    assert not again.created
+    assert again.run.run_id == first.run.run_id
+    assert await _counts(ledger.pool) == before
+
+
+async def test_a_conflicting_replay_is_refused_and_changes_nothing(ledger: Ledger) -> None:
+    await ledger.store.create_run(create_request("same"))
+    before = await _counts(ledger.pool)
+    different = create_request("same", steps=("x",))
+    with pytest.raises(Aborted, match="already used"):
+        await ledger.store.create_run(different)
+    assert await _counts(ledger.pool) == before
+
+
+async def test_a_failure_mid_way_leaves_no_partial_run(ledger: Ledger) -> None:
+    request = create_request("broken")
+    request.tasks[2].verb = "core.\x00noop"  # PostgreSQL text cannot hold NUL: fails on insert
+    with pytest.raises(asyncpg.CharacterNotInRepertoireError):
+        await ledger.store.create_run(request)
+    assert await _counts(ledger.pool) == dict.fromkeys(
+        ("runs", "tasks", "events", "outbox", "requests"), 0
+    )
+    # The ledger keeps working for everyone else.
+    assert (await ledger.store.create_run(create_request("fine"))).created
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: r.ClearField("request_id"), "request_id is required"),
+        (lambda r: r.definition.ClearField("name"), "definition.name is required"),
+        (lambda r: setattr(r.definition, "version", 0), "definition.version"),
+        (lambda r: r.ClearField("tasks"), "tasks must list"),
+        (lambda r: r.initiator.ClearField("id"), "initiator.id is required"),
+        (lambda r: setattr(r.tasks[1], "step_path", "a"), "step_path 'a' is repeated"),
+        (lambda r: r.inputs.update({"blob": "x" * (1024 * 1024 + 1)}), "inputs is"),
+        (lambda r: setattr(r.tasks[0], "kind", 40000), "is not a StepKind"),
+    ],
+)
+async def test_malformed_create_run_is_invalid_and_changes_nothing(
+    ledger: Ledger, mutate: object, message: str
+) -> None:
+    request = create_request()
+    mutate(request)  # type: ignore[operator]
+    with pytest.raises(InvalidArgument, match=message):
+        await ledger.store.create_run(request)
+    assert (await _counts(ledger.pool))["runs"] == 0
+
+
+def _chunks(run_id: str, epoch: int, first: int, count: int, *, last: bool, rid: str) -> pb.CreateChunksRequest:
+    request = pb.CreateChunksRequest(
+        request_id=rid,
+        run_id=run_id,
+        task_id=f"{run_id}/b",
+        epoch=epoch,
+        actor=ACTOR,
+        first_index=first,
+        last_batch=last,
+    )
+    for index in range(first, first + count):
+        request.records.add().update({"n": index})
+    return request
+
+
+async def test_create_chunks_in_contiguous_batches(ledger: Ledger) -> None:
+    run_id, epoch = await claimed_run(ledger, chunked="b")
+    store = ledger.store
+    await store.transition_run(
+        pb.TransitionRunRequest(
+            request_id="run", run_id=run_id, epoch=epoch, actor=ACTOR,
+            state=R.WORKFLOW_RUN_STATE_RUNNING,
+        )
+    )
+    await store.transition_task(
+        pb.TransitionTaskRequest(
+            request_id="b", run_id=run_id, task_id=f"{run_id}/b", epoch=epoch, actor=ACTOR,
+            state=T.TASK_RUN_STATE_RUNNING,
+        )
+    )
+    first = await store.create_chunks(_chunks(run_id, epoch, 0, 3, last=False, rid="c0"))
+    assert [c.chunk_id for c in first.chunks] == [f"{run_id}/b#{i}" for i in range(3)]
+    assert not first.counts.complete
+    with pytest.raises(FailedPrecondition, match="gap or overlap"):
+        await store.create_chunks(_chunks(run_id, epoch, 5, 1, last=True, rid="gap"))
+    again = await store.create_chunks(_chunks(run_id, epoch, 0, 3, last=False, rid="c0"))
+    assert again == first
+    last = await store.create_chunks(_chunks(run_id, epoch, 3, 2, last=True, rid="c3"))
+    assert last.counts.total == 5 and last.counts.pending == 5 and last.counts.complete
+    with pytest.raises(FailedPrecondition, match="complete"):
+        await store.create_chunks(_chunks(run_id, epoch, 5, 1, last=True, rid="c5"))
+    assert await ledger.pool.fetchval("SELECT count(*) FROM chunks") == 5

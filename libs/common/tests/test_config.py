@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from stepline.common.auth import Authenticator, Principal
-from stepline.common.config import ClientSettings, Env, ServerSettings
+from stepline.common.config import ClientSettings, Env, NatsSettings, ServerSettings
 from stepline.common.errors import ConfigError, Unauthenticated
 
 
@@ -34,6 +34,12 @@ def test_server_settings_defaults_and_overrides() -> None:
 def test_bad_values_name_the_variable(variables: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ServerSettings.from_env(Env(variables), service="x")
+
+
+def test_a_bad_stream_prefix_is_a_configuration_error() -> None:
+    env = Env({"STEPLINE_NATS_URL": "nats://127.0.0.1:4222", "STEPLINE_STREAM_PREFIX": "a.b"})
+    with pytest.raises(ConfigError, match="STEPLINE_STREAM_PREFIX"):
+        NatsSettings.from_env(env)
 
 
 def test_required_variables_say_so() -> None:

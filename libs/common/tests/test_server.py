@@ -43,6 +43,9 @@ class EchoHandlers:
     async def crash(self, request: bytes, context: Context) -> bytes:
         raise RuntimeError("password=hunter2 leaked in a bug")
 
+    async def unimplemented(self, request: bytes, context: Context) -> bytes:
+        raise NotImplementedError("Method not implemented!")
+
     async def stream(self, request: bytes, context: Context) -> AsyncIterator[bytes]:
         yield b"one"
         raise NotFound("stream ran out")
@@ -55,6 +58,7 @@ def _register(handlers: EchoHandlers) -> Any:
         "Hang": handlers.hang,
         "NotFound": handlers.not_found,
         "Crash": handlers.crash,
+        "Unimplemented": handlers.unimplemented,
     }
     methods: dict[str, Any] = {
         name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in unary.items()
@@ -172,6 +176,14 @@ async def test_unexpected_errors_are_internal_without_details(echo_server: Any) 
             await _method(channel, "Crash")(b"")
     assert info.value.code() == grpc.StatusCode.INTERNAL
     assert "hunter2" not in (info.value.details() or "")
+
+
+async def test_methods_not_written_yet_are_unimplemented(echo_server: Any) -> None:
+    target, _ = echo_server
+    async with _client(target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _method(channel, "Unimplemented")(b"")
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 async def test_streaming_handler_errors_map_to_their_status(echo_server: Any) -> None:

@@ -42,7 +42,9 @@ async def ledger(database_url: str) -> AsyncIterator[Ledger]:
         await pool.close()
 
 
-def definition(name: str = "wf", steps: tuple[str, ...] = ("a", "b", "c")) -> workflow_pb2.WorkflowDefinition:
+def definition(
+    name: str = "wf", steps: tuple[str, ...] = ("a", "b", "c")
+) -> workflow_pb2.WorkflowDefinition:
     result = workflow_pb2.WorkflowDefinition(name=name, version=1, allowed_verbs=["core.noop"])
     for step in steps:
         result.steps.add(id=step, atomic=workflow_pb2.AtomicOp(verb="core.noop"))

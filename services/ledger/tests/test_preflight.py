@@ -90,7 +90,9 @@ async def test_malformed_create_run_is_invalid_and_changes_nothing(
     assert (await _counts(ledger.pool))["runs"] == 0
 
 
-def _chunks(run_id: str, epoch: int, first: int, count: int, *, last: bool, rid: str) -> pb.CreateChunksRequest:
+def _chunks(
+    run_id: str, epoch: int, first: int, count: int, *, last: bool, rid: str
+) -> pb.CreateChunksRequest:
     request = pb.CreateChunksRequest(
         request_id=rid,
         run_id=run_id,
@@ -110,13 +112,20 @@ async def test_create_chunks_in_contiguous_batches(ledger: Ledger) -> None:
     store = ledger.store
     await store.transition_run(
         pb.TransitionRunRequest(
-            request_id="run", run_id=run_id, epoch=epoch, actor=ACTOR,
+            request_id="run",
+            run_id=run_id,
+            epoch=epoch,
+            actor=ACTOR,
             state=R.WORKFLOW_RUN_STATE_RUNNING,
         )
     )
     await store.transition_task(
         pb.TransitionTaskRequest(
-            request_id="b", run_id=run_id, task_id=f"{run_id}/b", epoch=epoch, actor=ACTOR,
+            request_id="b",
+            run_id=run_id,
+            task_id=f"{run_id}/b",
+            epoch=epoch,
+            actor=ACTOR,
             state=T.TASK_RUN_STATE_RUNNING,
         )
     )

@@ -16,7 +16,10 @@ async def test_run_to_success(ledger: Ledger) -> None:
     store = ledger.store
     await store.transition_run(
         pb.TransitionRunRequest(
-            request_id="r1", run_id=run_id, epoch=epoch, actor=ACTOR,
+            request_id="r1",
+            run_id=run_id,
+            epoch=epoch,
+            actor=ACTOR,
             state=R.WORKFLOW_RUN_STATE_RUNNING,
         )
     )
@@ -24,13 +27,21 @@ async def test_run_to_success(ledger: Ledger) -> None:
         task_id = f"{run_id}/{step}"
         await store.transition_task(
             pb.TransitionTaskRequest(
-                request_id=f"{step}-run", run_id=run_id, task_id=task_id, epoch=epoch,
-                actor=ACTOR, state=T.TASK_RUN_STATE_RUNNING,
+                request_id=f"{step}-run",
+                run_id=run_id,
+                task_id=task_id,
+                epoch=epoch,
+                actor=ACTOR,
+                state=T.TASK_RUN_STATE_RUNNING,
             )
         )
         done = pb.TransitionTaskRequest(
-            request_id=f"{step}-ok", run_id=run_id, task_id=task_id, epoch=epoch,
-            actor=ACTOR, state=T.TASK_RUN_STATE_SUCCEEDED,
+            request_id=f"{step}-ok",
+            run_id=run_id,
+            task_id=task_id,
+            epoch=epoch,
+            actor=ACTOR,
+            state=T.TASK_RUN_STATE_SUCCEEDED,
         )
         done.output.update({"step": step})
         response = await store.transition_task(done)
@@ -38,7 +49,10 @@ async def test_run_to_success(ledger: Ledger) -> None:
         assert [a.state for a in response.task.attempts] == [T.TASK_RUN_STATE_SUCCEEDED]
     final = await store.transition_run(
         pb.TransitionRunRequest(
-            request_id="r2", run_id=run_id, epoch=epoch, actor=ACTOR,
+            request_id="r2",
+            run_id=run_id,
+            epoch=epoch,
+            actor=ACTOR,
             state=R.WORKFLOW_RUN_STATE_SUCCEEDED,
         )
     )

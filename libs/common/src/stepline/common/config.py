@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from stepline.common.errors import ConfigError
+from stepline.common.errors import ConfigError, InvalidArgument
 from stepline.common.jetstream import Streams
 
 PREFIX = "STEPLINE_"
@@ -173,7 +173,12 @@ class NatsSettings:
         url = env.text("NATS_URL")
         if not url.startswith(("nats://", "tls://")):
             raise ConfigError(f"{PREFIX}NATS_URL must start with nats:// or tls://, got {url!r}")
-        return cls(url=url, stream_prefix=env.text("STREAM_PREFIX", ""))
+        prefix = env.text("STREAM_PREFIX", "")
+        try:
+            Streams(prefix=prefix)
+        except InvalidArgument as exc:
+            raise ConfigError(f"{PREFIX}STREAM_PREFIX: {exc}") from None
+        return cls(url=url, stream_prefix=prefix)
 
 
 def database_url(env: Env) -> str:

@@ -88,5 +88,7 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: Exception
         raise exc
     if isinstance(exc, SteplineError):
         await context.abort(exc.status, exc.message)
+    if isinstance(exc, NotImplementedError):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this method is not implemented yet")
     log.exception("unexpected error in RPC handler")
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
@@ -13,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from stepline.api.common.v1 import common_pb2, run_pb2, workflow_pb2
 
-Row = asyncpg.Record
+Row = Any  # an asyncpg.Record (asyncpg ships no type information)
 
 
 def to_dict(message: Message) -> dict[str, Any]:

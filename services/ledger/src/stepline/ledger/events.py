@@ -126,8 +126,7 @@ class EventLog:
             outbox,
         )
         await conn.execute(
-            "UPDATE runs SET last_sequence = $2, update_time = clock_timestamp()"
-            " WHERE run_id = $1",
+            "UPDATE runs SET last_sequence = $2, update_time = clock_timestamp() WHERE run_id = $1",
             self.run_id,
             self.last_sequence,
         )

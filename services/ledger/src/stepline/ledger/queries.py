@@ -37,7 +37,9 @@ def decode_token(token: str, *keys: str) -> dict[str, Any] | None:
     try:
         position = json.loads(base64.urlsafe_b64decode(token.encode()))
     except (ValueError, TypeError):
-        raise InvalidArgument("page_token is malformed; pass back next_page_token as given") from None
+        raise InvalidArgument(
+            "page_token is malformed; pass back next_page_token as given"
+        ) from None
     if not isinstance(position, dict) or set(position) != set(keys):
         raise InvalidArgument("page_token is malformed; pass back next_page_token as given")
     return position
@@ -114,7 +116,9 @@ async def list_runs(pool: asyncpg.Pool, request: pb.ListRunsRequest) -> pb.ListR
     response = pb.ListRunsResponse(runs=[convert.run(r) for r in rows[:size]])
     if len(rows) > size:
         last = rows[size - 1]
-        response.next_page_token = encode_token(t=last["create_time"].isoformat(), id=last["run_id"])
+        response.next_page_token = encode_token(
+            t=last["create_time"].isoformat(), id=last["run_id"]
+        )
     return response
 
 
@@ -158,7 +162,9 @@ async def get_run_history(
         raise InvalidArgument("after_sequence must not be negative")
     size = page_size(request.page_size)
     async with pool.acquire() as conn:
-        last = await conn.fetchval("SELECT last_sequence FROM runs WHERE run_id = $1", request.run_id)
+        last = await conn.fetchval(
+            "SELECT last_sequence FROM runs WHERE run_id = $1", request.run_id
+        )
         if last is None:
             raise NotFound(f"run {request.run_id!r} does not exist")
         args: list[Any] = [request.run_id, request.after_sequence, size]

@@ -61,8 +61,7 @@ CHANNEL = "stepline_outbox"
 # Advisory lock key: per schema, since advisory locks are per database.
 _LOCK_SQL = "SELECT pg_try_advisory_lock(hashtext('stepline:outbox-relay:' || current_schema()))"
 _SELECT_SQL = (
-    "SELECT id, event_id, subject, body FROM outbox"
-    " WHERE publish_time IS NULL ORDER BY id LIMIT $1"
+    "SELECT id, event_id, subject, body FROM outbox WHERE publish_time IS NULL ORDER BY id LIMIT $1"
 )
 _MARK_SQL = "UPDATE outbox SET publish_time = clock_timestamp() WHERE id = ANY($1::bigint[])"
 _CONTENT_TYPE = f"application/protobuf; proto={events_pb2.Event.DESCRIPTOR.full_name}"
@@ -133,7 +132,9 @@ class OutboxRelay:
         if conn is None:
             return
         try:
-            # The pool's reset runs pg_advisory_unlock_all() and UNLISTEN *.
+            if not conn.is_closed():
+                await conn.remove_listener(CHANNEL, self._notified)
+            # The pool's reset runs pg_advisory_unlock_all() (and UNLISTEN *).
             await self._pool.release(conn)
         except Exception:
             log.warning("outbox relay: releasing its connection failed", exc_info=True)
@@ -197,8 +198,10 @@ class OutboxRelay:
             # Keep what was acked, so a long outage does not outlive the duplicate
             # window for those rows; the failed row and the rest stay pending.
             if done:
-                with contextlib.suppress(Exception):
+                try:
                     await self._mark(conn, done)
+                except Exception:
+                    log.warning("outbox relay: marking %d acked rows failed", len(done))
             raise
         if done:
             await self._mark(conn, done)

@@ -40,7 +40,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self.store = store
         self.pool = store.pool
 
-    async def CreateRun(self, request: pb.CreateRunRequest, context: Context) -> pb.CreateRunResponse:
+    async def CreateRun(
+        self, request: pb.CreateRunRequest, context: Context
+    ) -> pb.CreateRunResponse:
         require_role(*CALLER_ROLES)
         return await self.store.create_run(request)
 
@@ -96,7 +98,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         require_role(*CALLER_ROLES)
         return await self.store.request_control(request)
 
-    async def RerunFrom(self, request: pb.RerunFromRequest, context: Context) -> pb.RerunFromResponse:
+    async def RerunFrom(
+        self, request: pb.RerunFromRequest, context: Context
+    ) -> pb.RerunFromResponse:
         require_role(*CALLER_ROLES)
         return await self.store.rerun_from(request)
 

@@ -11,8 +11,14 @@ from stepline.api.common.v1.common_pb2 import TaskRunState, WorkflowRunState
 R = WorkflowRunState
 T = TaskRunState
 
-RUN_TERMINAL = frozenset({R.WORKFLOW_RUN_STATE_SUCCEEDED, R.WORKFLOW_RUN_STATE_FAILED,
-                          R.WORKFLOW_RUN_STATE_CANCELLED, R.WORKFLOW_RUN_STATE_TIMED_OUT})
+RUN_TERMINAL = frozenset(
+    {
+        R.WORKFLOW_RUN_STATE_SUCCEEDED,
+        R.WORKFLOW_RUN_STATE_FAILED,
+        R.WORKFLOW_RUN_STATE_CANCELLED,
+        R.WORKFLOW_RUN_STATE_TIMED_OUT,
+    }
+)
 
 RUN_TRANSITIONS: dict[int, frozenset[int]] = {
     R.WORKFLOW_RUN_STATE_PENDING: frozenset(
@@ -33,9 +39,15 @@ RUN_TRANSITIONS: dict[int, frozenset[int]] = {
     ),
 }
 
-TASK_TERMINAL = frozenset({T.TASK_RUN_STATE_SUCCEEDED, T.TASK_RUN_STATE_FAILED,
-                           T.TASK_RUN_STATE_TIMED_OUT, T.TASK_RUN_STATE_CANCELLED,
-                           T.TASK_RUN_STATE_SKIPPED})
+TASK_TERMINAL = frozenset(
+    {
+        T.TASK_RUN_STATE_SUCCEEDED,
+        T.TASK_RUN_STATE_FAILED,
+        T.TASK_RUN_STATE_TIMED_OUT,
+        T.TASK_RUN_STATE_CANCELLED,
+        T.TASK_RUN_STATE_SKIPPED,
+    }
+)
 
 # A GOVERN step may also end while suspended: expiry (TIMED_OUT), rejection
 # (FAILED) or the run's cancellation (CANCELLED).
@@ -69,17 +81,21 @@ NEEDS_FAILURE_RUN = frozenset(
     {R.WORKFLOW_RUN_STATE_FAILED, R.WORKFLOW_RUN_STATE_CANCELLED, R.WORKFLOW_RUN_STATE_TIMED_OUT}
 )
 ATTEMPT_END = frozenset(
-    {T.TASK_RUN_STATE_SUCCEEDED, T.TASK_RUN_STATE_FAILED, T.TASK_RUN_STATE_TIMED_OUT,
-     T.TASK_RUN_STATE_CANCELLED}
+    {
+        T.TASK_RUN_STATE_SUCCEEDED,
+        T.TASK_RUN_STATE_FAILED,
+        T.TASK_RUN_STATE_TIMED_OUT,
+        T.TASK_RUN_STATE_CANCELLED,
+    }
 )
 
 
 def run_state_name(state: int) -> str:
-    return R.Name(state).removeprefix("WORKFLOW_RUN_STATE_") if state in R.values() else str(state)
+    return R.Name(state).removeprefix("WORKFLOW_RUN_STATE_") if state in R.values() else str(state)  # type: ignore[arg-type]
 
 
 def task_state_name(state: int) -> str:
-    return T.Name(state).removeprefix("TASK_RUN_STATE_") if state in T.values() else str(state)
+    return T.Name(state).removeprefix("TASK_RUN_STATE_") if state in T.values() else str(state)  # type: ignore[arg-type]
 
 
 def run_transition_allowed(current: int, target: int) -> bool:

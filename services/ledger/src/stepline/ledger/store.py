@@ -74,14 +74,14 @@ def lease_seconds(duration_s: float, *, default_s: float, max_s: float) -> float
 def _fingerprint(request: Message) -> str:
     copy = type(request)()
     copy.CopyFrom(request)
-    copy.ClearField("request_id")  # type: ignore[arg-type]
+    copy.ClearField("request_id")
     return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
 async def replayed(conn: asyncpg.Connection, request: Message, response_type: type[M]) -> M | None:
     """The stored response of an earlier identical request; ABORTED if it differed."""
     method = request.DESCRIPTOR.name
-    request_id: str = getattr(request, "request_id")
+    request_id: str = request.request_id
     row = await conn.fetchrow(
         "SELECT fingerprint, response FROM requests WHERE method = $1 AND request_id = $2",
         method,
@@ -101,7 +101,7 @@ async def remember(conn: asyncpg.Connection, request: Message, response: Message
     await conn.execute(
         "INSERT INTO requests (method, request_id, fingerprint, response) VALUES ($1, $2, $3, $4)",
         request.DESCRIPTOR.name,
-        getattr(request, "request_id"),
+        request.request_id,
         _fingerprint(request),
         response.SerializeToString(),
     )
@@ -274,9 +274,7 @@ class LedgerStore:
                 target = await _lock_chunk(conn, request.run_id, request.chunk_id)
                 table, key, what = "chunks", "chunk_id", f"chunk {request.chunk_id}"
                 if target["state"] in states.TASK_TERMINAL:
-                    raise FailedPrecondition(
-                        f"{what} is {states.task_state_name(target['state'])}"
-                    )
+                    raise FailedPrecondition(f"{what} is {states.task_state_name(target['state'])}")
             if run["state"] in states.RUN_TERMINAL:
                 raise FailedPrecondition(
                     f"run {request.run_id} is {states.run_state_name(run['state'])}"
@@ -342,7 +340,7 @@ class LedgerStore:
             target, table, key = run, "runs", request.run_id
             if request.chunk_id:
                 target = await _lock_chunk(conn, request.run_id, request.chunk_id)
-                target = {**dict(target), "now": run["now"]}  # type: ignore[assignment]
+                target = {**dict(target), "now": run["now"]}
                 table, key = "chunks", request.chunk_id
             check_claim(target, request.epoch, what=f"{table[:-1]} {key}")
             if target["claim_executor"] != request.executor_id:
@@ -353,7 +351,7 @@ class LedgerStore:
                 f"UPDATE {table} SET claim_expire = $2 WHERE {column} = $1", key, expire
             )
             response = pb.RenewClaimResponse(
-                pending_control=run["pending_control"] if not request.chunk_id else 0
+                pending_control=run["pending_control"] if not request.chunk_id else 0  # type: ignore[arg-type]
             )
             response.claim.executor_id = request.executor_id
             response.claim.epoch = request.epoch
@@ -444,9 +442,7 @@ class LedgerStore:
 
         return await self.committer.submit(request.run_id, operation)
 
-    async def transition_task(
-        self, request: pb.TransitionTaskRequest
-    ) -> pb.TransitionTaskResponse:
+    async def transition_task(self, request: pb.TransitionTaskRequest) -> pb.TransitionTaskResponse:
         require(request.request_id, "request_id")
         require(request.run_id, "run_id")
         require(request.task_id, "task_id")
@@ -520,7 +516,7 @@ class LedgerStore:
                 executor = run["claim_executor"] or ""
             else:
                 check_claim(
-                    {**dict(chunk), "now": run["now"]},  # type: ignore[arg-type]
+                    {**dict(chunk), "now": run["now"]},
                     request.epoch,
                     what=f"chunk {request.chunk_id}",
                 )
@@ -646,9 +642,7 @@ class LedgerStore:
 
         return await self.committer.submit(request.run_id, operation)
 
-    async def record_dispatch(
-        self, request: pb.RecordDispatchRequest
-    ) -> pb.RecordDispatchResponse:
+    async def record_dispatch(self, request: pb.RecordDispatchRequest) -> pb.RecordDispatchResponse:
         require(request.request_id, "request_id")
         require(request.run_id, "run_id")
         principal(request.actor)
@@ -690,14 +684,15 @@ class LedgerStore:
 
         return await self.committer.submit(request.run_id, operation)
 
-    async def request_control(
-        self, request: pb.RequestControlRequest
-    ) -> pb.RequestControlResponse:
+    async def request_control(self, request: pb.RequestControlRequest) -> pb.RequestControlResponse:
         require(request.request_id, "request_id")
         require(request.run_id, "run_id")
         principal(request.actor)
-        if request.action not in (C.CONTROL_ACTION_CANCEL, C.CONTROL_ACTION_PAUSE,
-                                  C.CONTROL_ACTION_RESUME):
+        if request.action not in (
+            C.CONTROL_ACTION_CANCEL,
+            C.CONTROL_ACTION_PAUSE,
+            C.CONTROL_ACTION_RESUME,
+        ):
             raise InvalidArgument("action must be CANCEL, PAUSE or RESUME")
 
         async def operation(conn: asyncpg.Connection) -> pb.RequestControlResponse:
@@ -731,8 +726,14 @@ class LedgerStore:
                     message=request.reason or f"cancelled by {request.actor.id}",
                 )
                 await _apply_run_state(
-                    conn, run, log, R.WORKFLOW_RUN_STATE_CANCELLED,
-                    actor=request.actor, failure=failure, outputs=None, reason=request.reason,
+                    conn,
+                    run,
+                    log,
+                    R.WORKFLOW_RUN_STATE_CANCELLED,
+                    actor=request.actor,
+                    failure=failure,
+                    outputs=None,
+                    reason=request.reason,
                 )
                 applied, pending = True, C.CONTROL_ACTION_UNSPECIFIED
             elif request.action == C.CONTROL_ACTION_RESUME:
@@ -763,8 +764,7 @@ class LedgerStore:
         require(request.request_id, "request_id")
         require(request.run_id, "run_id")
         require(request.step_id, "step_id")
-        require(request.actor, "actor")
-        actor = common_pb2.Principal(id=request.actor)
+        actor = principal(request.actor)
 
         async def operation(conn: asyncpg.Connection) -> pb.RerunFromResponse:
             earlier = await replayed(conn, request, pb.RerunFromResponse)
@@ -978,7 +978,8 @@ async def _end_open_steps(
         key = "task_id" if step["tbl"] == "tasks" else "chunk_id"
         await conn.execute(
             f"UPDATE {step['tbl']} SET state = $2::smallint, end_time = clock_timestamp(),"
-            f" failure = CASE WHEN $2::smallint = 7 THEN $3::jsonb ELSE failure END WHERE {key} = $1",
+            " failure = CASE WHEN $2::smallint = 7 THEN $3::jsonb ELSE failure END"
+            f" WHERE {key} = $1",
             step["id"],
             new,
             convert.to_dict(ended),
@@ -992,7 +993,9 @@ async def _end_open_steps(
         )
         is_chunk = step["tbl"] == "chunks"
         log.add(
-            E.RUN_EVENT_TYPE_CHUNK_STATE_CHANGED if is_chunk else E.RUN_EVENT_TYPE_TASK_STATE_CHANGED,
+            E.RUN_EVENT_TYPE_CHUNK_STATE_CHANGED
+            if is_chunk
+            else E.RUN_EVENT_TYPE_TASK_STATE_CHANGED,
             actor,
             task_id=step["task_id"],
             chunk_id=step["chunk_id"] or "",
@@ -1047,8 +1050,7 @@ async def _apply_step_change(
                 raise FailedPrecondition(f"attempt {last_number} of {what} is still open")
             if attempt.attempt_number != last_number + 1:
                 raise FailedPrecondition(
-                    f"the next attempt of {what} is {last_number + 1}, "
-                    f"not {attempt.attempt_number}"
+                    f"the next attempt of {what} is {last_number + 1}, not {attempt.attempt_number}"
                 )
             start_number, reason = attempt.attempt_number, attempt.reason or "retry"
         elif attempt.state in states.ATTEMPT_END:
@@ -1063,7 +1065,11 @@ async def _apply_step_change(
         start_number, reason = last_number + 1, "initial"
     elif state in states.ATTEMPT_END and open_attempt:
         end_state = state
-    if state == T.TASK_RUN_STATE_RUNNING and current == T.TASK_RUN_STATE_PENDING and not start_number:
+    if (
+        state == T.TASK_RUN_STATE_RUNNING
+        and current == T.TASK_RUN_STATE_PENDING
+        and not start_number
+    ):
         raise FailedPrecondition(f"{what} starts RUNNING with a new attempt")
     if state in states.ATTEMPT_END and state != T.TASK_RUN_STATE_RUNNING and open_attempt:
         end_state = end_state or state
@@ -1214,9 +1220,7 @@ async def read_chunk(conn: asyncpg.Connection, chunk_id: str) -> run_pb2.ChunkRu
     return convert.chunk(row, list(attempts))
 
 
-async def read_run(
-    conn: asyncpg.Connection, run_id: str, *, view: int
-) -> run_pb2.WorkflowRun:
+async def read_run(conn: asyncpg.Connection, run_id: str, *, view: int) -> run_pb2.WorkflowRun:
     row = await conn.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
     if row is None:
         raise NotFound(f"run {run_id!r} does not exist")
@@ -1247,5 +1251,3 @@ async def read_run(
                 )
             result.tasks.append(convert.task(task, by_owner.get(task["task_id"], []), counts))
     return result
-
-

@@ -943,10 +943,12 @@ class RerunFromRequest(_message.Message):
     """step_id names a chunked step: only its chunks that did not succeed run
     again (the generator does not run again).
     """
-    actor: _builtins.str
-    """Who asked."""
     reason: _builtins.str
     """Why; recorded in the run's event log."""
+    @_builtins.property
+    def actor(self) -> _common_pb2.Principal:
+        """Who asked."""
+
     def __init__(
         self,
         *,
@@ -954,10 +956,10 @@ class RerunFromRequest(_message.Message):
         run_id: _builtins.str = ...,
         step_id: _builtins.str = ...,
         failed_chunks_only: _builtins.bool = ...,
-        actor: _builtins.str = ...,
+        actor: _common_pb2.Principal | None = ...,
         reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "failed_chunks_only", b"failed_chunks_only", "reason", b"reason", "request_id", b"request_id", "run_id", b"run_id", "step_id", b"step_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...

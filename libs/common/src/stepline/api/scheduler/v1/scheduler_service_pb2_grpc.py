@@ -145,8 +145,9 @@ class SchedulerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RerunFrom(self, request, context):
-        """Starts a new run that re-executes a terminal run from a step (or only the
-        failed chunks of a chunked step), reusing earlier outputs.
+        """Reopens a FAILED, TIMED_OUT or CANCELLED run in place from a step (or
+        only its failed chunks): a new attempt in the same run, completed steps
+        kept.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

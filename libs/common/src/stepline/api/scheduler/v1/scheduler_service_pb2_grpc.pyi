@@ -47,8 +47,9 @@ class SchedulerServiceStub:
     ResumeRun: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ResumeRunRequest, _scheduler_service_pb2.ResumeRunResponse]
     """Resumes a PAUSED run and dispatches it again."""
     RerunFrom: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.RerunFromRequest, _scheduler_service_pb2.RerunFromResponse]
-    """Starts a new run that re-executes a terminal run from a step (or only the
-    failed chunks of a chunked step), reusing earlier outputs.
+    """Reopens a FAILED, TIMED_OUT or CANCELLED run in place from a step (or
+    only its failed chunks): a new attempt in the same run, completed steps
+    kept.
     """
     GetRun: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetRunRequest, _scheduler_service_pb2.GetRunResponse]
     """One run."""
@@ -90,8 +91,9 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     ResumeRun: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ResumeRunRequest, _scheduler_service_pb2.ResumeRunResponse]  # type: ignore[assignment]
     """Resumes a PAUSED run and dispatches it again."""
     RerunFrom: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.RerunFromRequest, _scheduler_service_pb2.RerunFromResponse]  # type: ignore[assignment]
-    """Starts a new run that re-executes a terminal run from a step (or only the
-    failed chunks of a chunked step), reusing earlier outputs.
+    """Reopens a FAILED, TIMED_OUT or CANCELLED run in place from a step (or
+    only its failed chunks): a new attempt in the same run, completed steps
+    kept.
     """
     GetRun: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetRunRequest, _scheduler_service_pb2.GetRunResponse]  # type: ignore[assignment]
     """One run."""
@@ -160,8 +162,9 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_service_pb2.RerunFromRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_service_pb2.RerunFromResponse, _abc.Awaitable[_scheduler_service_pb2.RerunFromResponse]]:
-        """Starts a new run that re-executes a terminal run from a step (or only the
-        failed chunks of a chunked step), reusing earlier outputs.
+        """Reopens a FAILED, TIMED_OUT or CANCELLED run in place from a step (or
+        only its failed chunks): a new attempt in the same run, completed steps
+        kept.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,300 @@
+"""The outbox relay against a real PostgreSQL and nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from stepline.api.common.v1 import common_pb2, run_pb2
+from stepline.api.events.v1 import events_pb2
+from stepline.api.ledger.v1 import ledger_pb2 as pb
+from stepline.common.jetstream import MSG_ID_HEADER, Streams, ensure_streams
+from stepline.ledger.relay import OutboxRelay, pending_count
+
+from .conftest import ACTOR, Ledger, claimed_run
+
+R = common_pb2.WorkflowRunState
+T = common_pb2.TaskRunState
+E = run_pb2.RunEventType
+
+# Subject kind of each event type (stepline.events.<kind>.<run_id>), per events.proto.
+KIND = {
+    E.RUN_EVENT_TYPE_RUN_CREATED: "run",
+    E.RUN_EVENT_TYPE_RUN_STATE_CHANGED: "run",
+    E.RUN_EVENT_TYPE_CLAIMED: "run",
+    E.RUN_EVENT_TYPE_CLAIM_RELEASED: "run",
+    E.RUN_EVENT_TYPE_DISPATCHED: "run",
+    E.RUN_EVENT_TYPE_TASK_STATE_CHANGED: "task",
+    E.RUN_EVENT_TYPE_ATTEMPT_RECORDED: "task",
+    E.RUN_EVENT_TYPE_CHUNKS_CREATED: "chunk",
+    E.RUN_EVENT_TYPE_CHUNK_STATE_CHANGED: "chunk",
+    E.RUN_EVENT_TYPE_CONTROL_REQUESTED: "control",
+}
+
+
+async def _js(nats_client: NATS, streams: Streams) -> JetStreamContext:
+    js = nats_client.jetstream()
+    await ensure_streams(js, streams)
+    return js
+
+
+async def _start(ledger: Ledger, request_id: str) -> tuple[str, int]:
+    """A claimed run moved to RUNNING."""
+    run_id, epoch = await claimed_run(ledger, request_id)
+    await ledger.store.transition_run(
+        pb.TransitionRunRequest(
+            request_id=f"{request_id}-running",
+            run_id=run_id,
+            epoch=epoch,
+            actor=ACTOR,
+            state=R.WORKFLOW_RUN_STATE_RUNNING,
+        )
+    )
+    return run_id, epoch
+
+
+async def _task(ledger: Ledger, run_id: str, epoch: int, step: str, state: int) -> None:
+    await ledger.store.transition_task(
+        pb.TransitionTaskRequest(
+            request_id=f"{run_id}-{step}-{state}",
+            run_id=run_id,
+            task_id=f"{run_id}/{step}",
+            epoch=epoch,
+            actor=ACTOR,
+            state=state,  # type: ignore[arg-type]
+        )
+    )
+
+
+async def _stream_messages(js: JetStreamContext, streams: Streams) -> int:
+    info = await js.stream_info(streams.events)
+    return int(info.state.messages)
+
+
+async def _read_stream(
+    js: JetStreamContext, streams: Streams
+) -> list[tuple[str, str, events_pb2.Event]]:
+    """Every message of the events stream: (subject, Nats-Msg-Id, Event), in stream order."""
+    info = await js.stream_info(streams.events)
+    result = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg(streams.events, seq)
+        assert msg.subject is not None and msg.data is not None and msg.headers is not None
+        result.append(
+            (msg.subject, msg.headers[MSG_ID_HEADER], events_pb2.Event.FromString(msg.data))
+        )
+    return result
+
+
+async def _event_ids(ledger: Ledger) -> set[str]:
+    rows = await ledger.pool.fetch("SELECT event_id FROM events")
+    return {str(row["event_id"]) for row in rows}
+
+
+async def _eventually(
+    check: Callable[[], Awaitable[bool]], *, timeout_s: float = 10.0, what: str = ""
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what or check}")
+        await asyncio.sleep(0.02)
+
+
+async def _drain(relay: OutboxRelay) -> int:
+    total = 0
+    while (count := await relay.publish_pending()) > 0:
+        total += count
+    return total
+
+
+async def test_every_event_is_published_once_in_run_order(
+    ledger: Ledger, nats_client: NATS, streams: Streams
+) -> None:
+    js = await _js(nats_client, streams)
+    first, epoch1 = await _start(ledger, "req-1")
+    second, epoch2 = await _start(ledger, "req-2")
+    for step in ("a", "b"):  # interleave the two runs' writes
+        for run_id, epoch in ((first, epoch1), (second, epoch2)):
+            await _task(ledger, run_id, epoch, step, T.TASK_RUN_STATE_RUNNING)
+            await _task(ledger, run_id, epoch, step, T.TASK_RUN_STATE_SUCCEEDED)
+    total = await pending_count(ledger.pool)
+    assert total > 10
+
+    async with OutboxRelay(pool=ledger.pool, js=js, streams=streams, batch_size=4) as relay:
+        assert await _drain(relay) == total
+        assert relay.published == total
+        assert await relay.publish_pending() == 0
+    assert await pending_count(ledger.pool) == 0
+    unmarked = await ledger.pool.fetchval("SELECT count(*) FROM outbox WHERE publish_time IS NULL")
+    assert unmarked == 0
+
+    messages = await _read_stream(js, streams)
+    assert len(messages) == total
+    for run_id in (first, second):
+        rows = await ledger.pool.fetch(
+            "SELECT sequence, event_id, type FROM events WHERE run_id = $1 ORDER BY sequence",
+            run_id,
+        )
+        published = [m for m in messages if m[2].run_id == run_id]
+        assert [e.record.sequence for _, _, e in published] == list(range(1, len(rows) + 1))
+        assert [e.sequence for _, _, e in published] == [row["sequence"] for row in rows]
+        for (subject, msg_id, event), row in zip(published, rows, strict=True):
+            assert event.event_id == msg_id == event.record.event_id == str(row["event_id"])
+            assert event.record.type == row["type"]
+            assert event.record.run_id == run_id
+            assert subject == streams.subject("events", KIND[row["type"]], run_id)
+    assert {m[1] for m in messages} == await _event_ids(ledger)
+
+
+class Crash(BaseException):
+    """Like a killed process: nothing runs after it (the relay marks nothing)."""
+
+
+class Boom(Exception):
+    """An error: the relay marks the rows acked before it, then re-raises."""
+
+
+@pytest.mark.parametrize("error", [Crash, Boom])
+async def test_crash_between_publish_and_mark(
+    ledger: Ledger, nats_client: NATS, streams: Streams, error: type[BaseException]
+) -> None:
+    js = await _js(nats_client, streams)
+    run_id, epoch = await _start(ledger, "req-1")
+    await _task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
+    total = await pending_count(ledger.pool)
+    assert total >= 5
+    crash_after = 3
+    acked: list[int] = []
+
+    async def hook(row_id: int) -> None:
+        acked.append(row_id)
+        if len(acked) == crash_after:
+            raise error("crash after the ack, before the mark")
+
+    async with OutboxRelay(
+        pool=ledger.pool, js=js, streams=streams, after_publish=hook
+    ) as crashing:
+        with pytest.raises(error):
+            await crashing.publish_pending()
+    assert await _stream_messages(js, streams) == crash_after
+    marked = 0 if error is Crash else crash_after - 1
+    assert await pending_count(ledger.pool) == total - marked
+
+    async with OutboxRelay(pool=ledger.pool, js=js, streams=streams) as fresh:
+        assert await fresh.publish_pending() == total - marked
+    assert await pending_count(ledger.pool) == 0
+    messages = await _read_stream(js, streams)
+    assert len(messages) == total  # the re-published rows were deduplicated
+    assert {msg_id for _, msg_id, _ in messages} == await _event_ids(ledger)
+    assert [e.record.sequence for _, _, e in messages] == list(range(1, total + 1))
+
+
+async def test_only_one_relay_publishes(
+    ledger: Ledger, nats_client: NATS, streams: Streams
+) -> None:
+    js = await _js(nats_client, streams)
+    run_id, epoch = await _start(ledger, "req-1")
+    async with (
+        OutboxRelay(pool=ledger.pool, js=js, streams=streams) as one,
+        OutboxRelay(pool=ledger.pool, js=js, streams=streams) as two,
+    ):
+        assert await one.publish_pending() > 0
+        assert one.is_leader
+        await _task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
+        waiting = await pending_count(ledger.pool)
+        assert waiting > 0
+        assert await two.publish_pending() == 0
+        assert not two.is_leader
+        assert await pending_count(ledger.pool) == waiting
+
+        await one.close()  # the leader goes away: its lock goes with its session
+        assert await two.publish_pending() == waiting
+        assert two.is_leader
+        assert await one.publish_pending() == 0  # a new session, the lock is taken
+        assert not one.is_leader
+    assert await pending_count(ledger.pool) == 0
+    assert {m[1] for m in await _read_stream(js, streams)} == await _event_ids(ledger)
+
+
+async def _run_until_cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+
+
+async def test_run_wakes_on_notify(ledger: Ledger, nats_client: NATS, streams: Streams) -> None:
+    js = await _js(nats_client, streams)
+    run_id, epoch = await _start(ledger, "req-1")
+    # A poll interval far beyond the test's timeouts: only NOTIFY can wake it.
+    relay = OutboxRelay(pool=ledger.pool, js=js, streams=streams, poll_interval_s=600)
+    task = asyncio.create_task(relay.run())
+    try:
+        before = await pending_count(ledger.pool)
+
+        async def drained() -> bool:
+            return await _stream_messages(js, streams) == before
+
+        await _eventually(drained, what="the first pass")
+        await _eventually(lambda: _zero(ledger), what="the first rows to be marked")
+
+        await _task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
+        total = len(await _event_ids(ledger))
+        assert total > before
+
+        async def published() -> bool:
+            return await _stream_messages(js, streams) == total
+
+        await _eventually(published, what="the notified pass")
+        await _eventually(lambda: _zero(ledger), what="the rows to be marked")
+    finally:
+        await _run_until_cancelled(task)
+    assert not relay.is_leader  # run() gave its connection (and the lock) back
+    async with OutboxRelay(pool=ledger.pool, js=js, streams=streams) as successor:
+        assert await successor.try_lead()
+
+
+async def _zero(ledger: Ledger) -> bool:
+    return await pending_count(ledger.pool) == 0
+
+
+async def test_run_retries_after_nats_errors(
+    ledger: Ledger,
+    nats_client: NATS,
+    streams: Streams,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    js = nats_client.jetstream()  # the events stream does not exist yet
+    await _start(ledger, "req-1")
+    total = await pending_count(ledger.pool)
+    relay = OutboxRelay(pool=ledger.pool, js=js, streams=streams, poll_interval_s=0.05)
+    task = asyncio.create_task(relay.run())
+    try:
+        with caplog.at_level(logging.WARNING, logger="stepline.ledger.relay"):
+
+            async def warned() -> bool:
+                return any("outbox relay" in r.getMessage() for r in caplog.records)
+
+            await _eventually(warned, what="a warning")
+        assert not task.done()
+        assert await pending_count(ledger.pool) == total  # nothing marked without an ack
+
+        await ensure_streams(js, streams)
+        await _eventually(lambda: _zero(ledger), what="the rows to be published")
+        messages = await _read_stream(js, streams)
+        assert [e.record.sequence for _, _, e in messages] == list(range(1, total + 1))
+    finally:
+        await _run_until_cancelled(task)
+
+
+def test_kind_table_covers_every_event_type() -> None:
+    types = {value for name, value in E.items() if name != "RUN_EVENT_TYPE_UNSPECIFIED"}
+    assert set(KIND) == types

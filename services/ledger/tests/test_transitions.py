@@ -1,0 +1,351 @@
+"""State machines, fencing, idempotent replays, history and control."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from stepline.api.common.v1 import common_pb2, run_pb2
+from stepline.api.ledger.v1 import ledger_pb2 as pb
+from stepline.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from stepline.ledger import states
+
+from .conftest import ACTOR, EXECUTOR, OPERATOR, Ledger, claimed_run, create_request
+
+R = common_pb2.WorkflowRunState
+T = common_pb2.TaskRunState
+E = run_pb2.RunEventType
+FAILURE = common_pb2.Failure(reason=common_pb2.FAILURE_REASON_VERB_ERROR, message="boom")
+_ids = itertools.count()
+
+
+def rid() -> str:
+    return f"req-{next(_ids)}"
+
+
+def run_request(run_id: str, epoch: int, state: int, **extra: object) -> pb.TransitionRunRequest:
+    request = pb.TransitionRunRequest(
+        request_id=rid(),
+        run_id=run_id,
+        epoch=epoch,
+        actor=ACTOR,
+        state=state,  # type: ignore[arg-type]
+    )
+    if state in states.NEEDS_FAILURE_RUN:
+        request.failure.CopyFrom(FAILURE)
+    for key, value in extra.items():
+        setattr(request, key, value)
+    return request
+
+
+def task_request(run_id: str, epoch: int, step: str, state: int) -> pb.TransitionTaskRequest:
+    request = pb.TransitionTaskRequest(
+        request_id=rid(),
+        run_id=run_id,
+        task_id=f"{run_id}/{step}",
+        epoch=epoch,
+        actor=ACTOR,
+        state=state,  # type: ignore[arg-type]
+    )
+    if state in states.NEEDS_FAILURE_TASK:
+        request.failure.CopyFrom(FAILURE)
+    return request
+
+
+async def _snapshot(ledger: Ledger, run_id: str) -> tuple[object, ...]:
+    run = await ledger.pool.fetchrow(
+        "SELECT state, last_sequence FROM runs WHERE run_id = $1", run_id
+    )
+    tasks = await ledger.pool.fetch(
+        "SELECT state FROM tasks WHERE run_id = $1 ORDER BY ordinal", run_id
+    )
+    outbox = await ledger.pool.fetchval("SELECT count(*) FROM outbox")
+    return (run["state"], run["last_sequence"], [t["state"] for t in tasks], outbox)
+
+
+ALL_RUN_STATES = [s for s in R.values() if s != R.WORKFLOW_RUN_STATE_UNSPECIFIED]
+ALL_TASK_STATES = [s for s in T.values() if s != T.TASK_RUN_STATE_UNSPECIFIED]
+
+
+@pytest.mark.parametrize(
+    ("current", "target"),
+    [
+        (c, t)
+        for c in ALL_RUN_STATES
+        for t in ALL_RUN_STATES
+        if not states.run_transition_allowed(c, t)
+    ],
+)
+async def test_every_illegal_run_transition_is_refused(
+    ledger: Ledger, current: int, target: int
+) -> None:
+    run_id, epoch = await claimed_run(ledger)
+    await ledger.pool.execute("UPDATE runs SET state = $2 WHERE run_id = $1", run_id, current)
+    before = await _snapshot(ledger, run_id)
+    with pytest.raises(FailedPrecondition):
+        await ledger.store.transition_run(run_request(run_id, epoch, target))
+    assert await _snapshot(ledger, run_id) == before
+
+
+@pytest.mark.parametrize(
+    ("current", "target"),
+    [
+        (c, t)
+        for c in ALL_TASK_STATES
+        for t in ALL_TASK_STATES
+        if not states.task_transition_allowed(c, t)
+    ],
+)
+async def test_every_illegal_task_transition_is_refused(
+    ledger: Ledger, current: int, target: int
+) -> None:
+    run_id, epoch = await claimed_run(ledger)
+    await ledger.pool.execute(
+        "UPDATE runs SET state = $2 WHERE run_id = $1", run_id, R.WORKFLOW_RUN_STATE_RUNNING
+    )
+    await ledger.pool.execute(
+        "UPDATE tasks SET state = $2 WHERE task_id = $1", f"{run_id}/a", current
+    )
+    before = await _snapshot(ledger, run_id)
+    with pytest.raises(FailedPrecondition):
+        await ledger.store.transition_task(task_request(run_id, epoch, "a", target))
+    assert await _snapshot(ledger, run_id) == before
+
+
+async def test_legal_run_transitions_are_applied(ledger: Ledger) -> None:
+    run_id, epoch = await claimed_run(ledger)
+    path = [
+        R.WORKFLOW_RUN_STATE_RUNNING,
+        R.WORKFLOW_RUN_STATE_PAUSED,
+        R.WORKFLOW_RUN_STATE_RUNNING,
+        R.WORKFLOW_RUN_STATE_SUSPENDED,
+        R.WORKFLOW_RUN_STATE_RUNNING,
+        R.WORKFLOW_RUN_STATE_FAILED,
+    ]
+    for state in path:
+        response = await ledger.store.transition_run(run_request(run_id, epoch, state))
+        assert response.run.state == state
+    final = await ledger.pool.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
+    assert final["failure"]["reason"] == "FAILURE_REASON_VERB_ERROR"
+    assert final["end_time"] is not None
+    # A run that ends takes its pending tasks with it: SKIPPED.
+    tasks = await ledger.pool.fetch("SELECT state FROM tasks WHERE run_id = $1", run_id)
+    assert {t["state"] for t in tasks} == {T.TASK_RUN_STATE_SKIPPED}
+
+
+async def test_retries_are_recorded_as_attempts(ledger: Ledger) -> None:
+    run_id, epoch = await claimed_run(ledger)
+    store = ledger.store
+    await store.transition_run(run_request(run_id, epoch, R.WORKFLOW_RUN_STATE_RUNNING))
+    await store.transition_task(task_request(run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING))
+    failed = task_request(run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
+    failed.attempt.CopyFrom(
+        pb.AttemptUpdate(attempt_number=1, state=T.TASK_RUN_STATE_FAILED, failure=FAILURE)
+    )
+    await store.transition_task(failed)
+    retry = task_request(run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
+    retry.attempt.CopyFrom(
+        pb.AttemptUpdate(attempt_number=2, state=T.TASK_RUN_STATE_RUNNING, reason="retry")
+    )
+    await store.transition_task(retry)
+    skip = task_request(run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
+    skip.attempt.CopyFrom(pb.AttemptUpdate(attempt_number=4, state=T.TASK_RUN_STATE_RUNNING))
+    with pytest.raises(FailedPrecondition, match=r"attempt 2 .* is still open"):
+        await store.transition_task(skip)
+    done = await store.transition_task(task_request(run_id, epoch, "a", T.TASK_RUN_STATE_SUCCEEDED))
+    attempts = done.task.attempts
+    assert [(a.attempt_number, a.state, a.reason) for a in attempts] == [
+        (1, T.TASK_RUN_STATE_FAILED, "initial"),
+        (2, T.TASK_RUN_STATE_SUCCEEDED, "retry"),
+    ]
+    assert attempts[0].failure.reason == common_pb2.FAILURE_REASON_VERB_ERROR
+    assert all(a.claim_epoch == epoch and a.executor_id == EXECUTOR for a in attempts)
+
+
+async def test_stale_epochs_are_refused(ledger: Ledger) -> None:
+    run_id, old_epoch = await claimed_run(ledger)
+    await ledger.pool.execute(
+        "UPDATE runs SET claim_expire = clock_timestamp() - interval '1 second' WHERE run_id = $1",
+        run_id,
+    )
+    with pytest.raises(FailedPrecondition, match="expired"):
+        await ledger.store.transition_run(
+            run_request(run_id, old_epoch, R.WORKFLOW_RUN_STATE_RUNNING)
+        )
+    taken = await ledger.store.claim_run(
+        pb.ClaimRunRequest(request_id=rid(), run_id=run_id, executor_id="executor-b")
+    )
+    assert taken.claim.epoch == old_epoch + 1
+    before = await _snapshot(ledger, run_id)
+    with pytest.raises(FailedPrecondition, match="stale epoch"):
+        await ledger.store.transition_run(
+            run_request(run_id, old_epoch, R.WORKFLOW_RUN_STATE_RUNNING)
+        )
+    with pytest.raises(FailedPrecondition, match="stale epoch"):
+        await ledger.store.renew_claim(
+            pb.RenewClaimRequest(
+                request_id=rid(), run_id=run_id, executor_id=EXECUTOR, epoch=old_epoch
+            )
+        )
+    assert await _snapshot(ledger, run_id) == before
+    ok = await ledger.store.transition_run(
+        run_request(run_id, taken.claim.epoch, R.WORKFLOW_RUN_STATE_RUNNING)
+    )
+    assert ok.run.state == R.WORKFLOW_RUN_STATE_RUNNING
+
+
+async def test_concurrent_claimers_never_both_hold_a_run(ledger: Ledger) -> None:
+    created = await ledger.store.create_run(create_request())
+    run_id = created.run.run_id
+
+    async def claim(n: int) -> int | None:
+        try:
+            await ledger.store.claim_run(
+                pb.ClaimRunRequest(
+                    request_id=f"claim-{n}",
+                    run_id=run_id,
+                    executor_id=f"executor-{n}",
+                    lease_duration=Duration(seconds=30),
+                )
+            )
+        except FailedPrecondition:
+            return None
+        return n
+
+    winners = [n for n in await asyncio.gather(*(claim(n) for n in range(20))) if n is not None]
+    assert len(winners) == 1
+    holder = await ledger.pool.fetchrow("SELECT claim_executor, claim_epoch FROM runs")
+    assert holder["claim_executor"] == f"executor-{winners[0]}"
+    assert holder["claim_epoch"] == 1
+
+
+async def test_replays_are_no_ops_and_conflicts_are_errors(ledger: Ledger) -> None:
+    run_id, epoch = await claimed_run(ledger)
+    request = run_request(run_id, epoch, R.WORKFLOW_RUN_STATE_RUNNING)
+    first = await ledger.store.transition_run(request)
+    before = await _snapshot(ledger, run_id)
+    assert await ledger.store.transition_run(request) == first
+    assert await _snapshot(ledger, run_id) == before
+    conflicting = run_request(run_id, epoch, R.WORKFLOW_RUN_STATE_PAUSED)
+    conflicting.request_id = request.request_id
+    with pytest.raises(Aborted):
+        await ledger.store.transition_run(conflicting)
+    assert await _snapshot(ledger, run_id) == before
+
+
+async def test_malformed_and_unknown_requests_change_nothing(ledger: Ledger) -> None:
+    run_id, epoch = await claimed_run(ledger)
+    before = await _snapshot(ledger, run_id)
+    with pytest.raises(NotFound):
+        await ledger.store.transition_run(
+            run_request("no-such-run", epoch, R.WORKFLOW_RUN_STATE_RUNNING)
+        )
+    with pytest.raises(NotFound):
+        await ledger.store.transition_task(
+            task_request(run_id, epoch, "zzz", T.TASK_RUN_STATE_RUNNING)
+        )
+    with pytest.raises(InvalidArgument, match=r"failure\.reason is required"):
+        await ledger.store.transition_run(
+            pb.TransitionRunRequest(
+                request_id=rid(),
+                run_id=run_id,
+                epoch=epoch,
+                actor=ACTOR,
+                state=R.WORKFLOW_RUN_STATE_FAILED,
+            )
+        )
+    with pytest.raises(InvalidArgument, match="state must be"):
+        await ledger.store.transition_run(run_request(run_id, epoch, 0))
+    with pytest.raises(InvalidArgument, match=r"actor\.id is required"):
+        await ledger.store.transition_run(
+            pb.TransitionRunRequest(request_id=rid(), run_id=run_id, epoch=epoch, state=2)
+        )
+    big = task_request(run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
+    big.output.update({"blob": "x" * (1024 * 1024 + 1)})
+    with pytest.raises(InvalidArgument, match="output is"):
+        await ledger.store.transition_task(big)
+    assert await _snapshot(ledger, run_id) == before
+
+
+async def test_history_lists_every_transition_in_order(ledger: Ledger) -> None:
+    from stepline.ledger import queries
+
+    run_id, epoch = await claimed_run(ledger, steps=("a", "b"))
+    store = ledger.store
+    await store.transition_run(run_request(run_id, epoch, R.WORKFLOW_RUN_STATE_RUNNING))
+    for step in ("a", "b"):
+        await store.transition_task(task_request(run_id, epoch, step, T.TASK_RUN_STATE_RUNNING))
+        await store.transition_task(task_request(run_id, epoch, step, T.TASK_RUN_STATE_SUCCEEDED))
+    await store.transition_run(run_request(run_id, epoch, R.WORKFLOW_RUN_STATE_SUCCEEDED))
+    history = await queries.get_run_history(ledger.pool, pb.GetRunHistoryRequest(run_id=run_id))
+
+    def describe(event: run_pb2.RunEvent) -> tuple[int, str, str]:
+        payload = dict(event.payload)
+        step = event.task_id.rsplit("/", 1)[-1] if event.task_id else ""
+        return (event.type, step, str(payload.get("to_state", payload.get("state", ""))))
+
+    described = [describe(e) for e in history.events]
+    assert [e.sequence for e in history.events] == list(range(1, len(history.events) + 1))
+    assert history.last_sequence == len(history.events)
+    assert described == [
+        (E.RUN_EVENT_TYPE_RUN_CREATED, "", ""),
+        (E.RUN_EVENT_TYPE_CLAIMED, "", ""),
+        (E.RUN_EVENT_TYPE_RUN_STATE_CHANGED, "", "RUNNING"),
+        (E.RUN_EVENT_TYPE_ATTEMPT_RECORDED, "a", "RUNNING"),
+        (E.RUN_EVENT_TYPE_TASK_STATE_CHANGED, "a", "RUNNING"),
+        (E.RUN_EVENT_TYPE_ATTEMPT_RECORDED, "a", "SUCCEEDED"),
+        (E.RUN_EVENT_TYPE_TASK_STATE_CHANGED, "a", "SUCCEEDED"),
+        (E.RUN_EVENT_TYPE_ATTEMPT_RECORDED, "b", "RUNNING"),
+        (E.RUN_EVENT_TYPE_TASK_STATE_CHANGED, "b", "RUNNING"),
+        (E.RUN_EVENT_TYPE_ATTEMPT_RECORDED, "b", "SUCCEEDED"),
+        (E.RUN_EVENT_TYPE_TASK_STATE_CHANGED, "b", "SUCCEEDED"),
+        (E.RUN_EVENT_TYPE_RUN_STATE_CHANGED, "", "SUCCEEDED"),
+    ]
+    assert await ledger.pool.fetchval("SELECT count(*) FROM outbox") == len(history.events)
+    page = await queries.get_run_history(
+        ledger.pool, pb.GetRunHistoryRequest(run_id=run_id, after_sequence=10, page_size=5)
+    )
+    assert [e.sequence for e in page.events] == [11, 12]
+
+
+async def test_cancel_of_an_unclaimed_run_applies_at_once(ledger: Ledger) -> None:
+    created = await ledger.store.create_run(create_request())
+    run_id = created.run.run_id
+    response = await ledger.store.request_control(
+        pb.RequestControlRequest(
+            request_id=rid(),
+            run_id=run_id,
+            action=run_pb2.CONTROL_ACTION_CANCEL,
+            actor=OPERATOR,
+            reason="not needed",
+        )
+    )
+    assert response.applied
+    assert response.run.state == R.WORKFLOW_RUN_STATE_CANCELLED
+    assert response.run.failure.reason == common_pb2.FAILURE_REASON_CANCELLED
+    tasks = await ledger.pool.fetch("SELECT state FROM tasks WHERE run_id = $1", run_id)
+    assert {t["state"] for t in tasks} == {T.TASK_RUN_STATE_SKIPPED}
+    with pytest.raises(FailedPrecondition, match="CANCELLED"):
+        await ledger.store.request_control(
+            pb.RequestControlRequest(
+                request_id=rid(), run_id=run_id, action=run_pb2.CONTROL_ACTION_PAUSE, actor=OPERATOR
+            )
+        )
+
+
+async def test_cancel_of_a_claimed_run_waits_for_its_holder(ledger: Ledger) -> None:
+    run_id, epoch = await claimed_run(ledger)
+    response = await ledger.store.request_control(
+        pb.RequestControlRequest(
+            request_id=rid(), run_id=run_id, action=run_pb2.CONTROL_ACTION_CANCEL, actor=OPERATOR
+        )
+    )
+    assert not response.applied
+    assert response.run.pending_control == run_pb2.CONTROL_ACTION_CANCEL
+    renewed = await ledger.store.renew_claim(
+        pb.RenewClaimRequest(request_id=rid(), run_id=run_id, executor_id=EXECUTOR, epoch=epoch)
+    )
+    assert renewed.pending_control == run_pb2.CONTROL_ACTION_CANCEL

@@ -81,7 +81,7 @@ def _fingerprint(request: Message) -> str:
 async def replayed(conn: asyncpg.Connection, request: Message, response_type: type[M]) -> M | None:
     """The stored response of an earlier identical request; ABORTED if it differed."""
     method = request.DESCRIPTOR.name
-    request_id: str = request.request_id
+    request_id: str = request.request_id  # type: ignore[attr-defined]
     row = await conn.fetchrow(
         "SELECT fingerprint, response FROM requests WHERE method = $1 AND request_id = $2",
         method,
@@ -101,7 +101,7 @@ async def remember(conn: asyncpg.Connection, request: Message, response: Message
     await conn.execute(
         "INSERT INTO requests (method, request_id, fingerprint, response) VALUES ($1, $2, $3, $4)",
         request.DESCRIPTOR.name,
-        request.request_id,
+        request.request_id,  # type: ignore[attr-defined]
         _fingerprint(request),
         response.SerializeToString(),
     )

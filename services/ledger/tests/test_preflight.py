@@ -141,3 +141,97 @@ async def test_create_chunks_in_contiguous_batches(ledger: Ledger) -> None:
     with pytest.raises(FailedPrecondition, match="complete"):
         await store.create_chunks(_chunks(run_id, epoch, 5, 1, last=True, rid="c5"))
     assert await ledger.pool.fetchval("SELECT count(*) FROM chunks") == 5
+
+
+async def test_chunks_are_claimed_and_dispatched_on_their_own(ledger: Ledger) -> None:
+    run_id, epoch = await claimed_run(ledger, chunked="b")
+    store = ledger.store
+    await store.transition_run(
+        pb.TransitionRunRequest(
+            request_id="run",
+            run_id=run_id,
+            epoch=epoch,
+            actor=ACTOR,
+            state=R.WORKFLOW_RUN_STATE_RUNNING,
+        )
+    )
+    await store.transition_task(
+        pb.TransitionTaskRequest(
+            request_id="b",
+            run_id=run_id,
+            task_id=f"{run_id}/b",
+            epoch=epoch,
+            actor=ACTOR,
+            state=T.TASK_RUN_STATE_RUNNING,
+        )
+    )
+    await store.create_chunks(_chunks(run_id, epoch, 0, 2, last=True, rid="c0"))
+    chunk_id = f"{run_id}/b#1"
+    dispatched = await store.record_dispatch(
+        pb.RecordDispatchRequest(
+            request_id="d1",
+            run_id=run_id,
+            chunk_id=chunk_id,
+            expected_dispatch_epoch=1,
+            actor=ACTOR,
+            reason="chunk_ready",
+        )
+    )
+    assert dispatched.dispatch_epoch == 2
+    with pytest.raises(Aborted, match="someone else dispatched it"):
+        await store.record_dispatch(
+            pb.RecordDispatchRequest(
+                request_id="d2",
+                run_id=run_id,
+                chunk_id=chunk_id,
+                expected_dispatch_epoch=1,
+                actor=ACTOR,
+            )
+        )
+    with pytest.raises(FailedPrecondition, match="stale job"):
+        await store.claim_run(
+            pb.ClaimRunRequest(
+                request_id="old-job",
+                run_id=run_id,
+                chunk_id=chunk_id,
+                executor_id="executor-b",
+                dispatch_epoch=1,
+            )
+        )
+    claim = await store.claim_run(
+        pb.ClaimRunRequest(
+            request_id="chunk-claim",
+            run_id=run_id,
+            chunk_id=chunk_id,
+            executor_id="executor-b",
+            dispatch_epoch=2,
+        )
+    )
+    assert claim.chunk.chunk_id == chunk_id and claim.claim.epoch == 1
+    for state, rid in ((T.TASK_RUN_STATE_RUNNING, "x1"), (T.TASK_RUN_STATE_SUCCEEDED, "x2")):
+        moved = await store.transition_chunk(
+            pb.TransitionChunkRequest(
+                request_id=rid,
+                run_id=run_id,
+                chunk_id=chunk_id,
+                epoch=claim.claim.epoch,
+                actor=ACTOR,
+                state=state,
+            )
+        )
+    assert moved.chunk.state == T.TASK_RUN_STATE_SUCCEEDED
+    assert moved.counts.succeeded == 1 and moved.counts.pending == 1
+    released = await store.release_claim(
+        pb.ReleaseClaimRequest(
+            request_id="rel",
+            run_id=run_id,
+            chunk_id=chunk_id,
+            executor_id="executor-b",
+            epoch=claim.claim.epoch,
+        )
+    )
+    assert released.claim.epoch == claim.claim.epoch
+    holder = await ledger.pool.fetchval(
+        "SELECT claim_executor FROM chunks WHERE chunk_id = $1", chunk_id
+    )
+    assert holder is None

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -119,7 +121,7 @@ async def lock_run(conn: asyncpg.Connection, run_id: str) -> asyncpg.Record:
     return row
 
 
-def check_claim(row: asyncpg.Record, epoch: int, *, what: str) -> None:
+def check_claim(row: Mapping[str, Any], epoch: int, *, what: str) -> None:
     """Fencing: ``epoch`` must be the current claim's, and the claim live."""
     if epoch != row["claim_epoch"]:
         raise FailedPrecondition(
@@ -268,13 +270,10 @@ class LedgerStore:
             if earlier is not None:
                 return earlier
             run = await lock_run(conn, request.run_id)
-            table, key, target = "runs", "run_id", run
-            what = f"run {request.run_id}"
-            if request.chunk_id:
-                target = await _lock_chunk(conn, request.run_id, request.chunk_id)
-                table, key, what = "chunks", "chunk_id", f"chunk {request.chunk_id}"
-                if target["state"] in states.TASK_TERMINAL:
-                    raise FailedPrecondition(f"{what} is {states.task_state_name(target['state'])}")
+            claimable = await _claimable(conn, run, request.chunk_id)
+            target, what = claimable.row, claimable.what
+            if request.chunk_id and target["state"] in states.TASK_TERMINAL:
+                raise FailedPrecondition(f"{what} is {states.task_state_name(target['state'])}")
             if run["state"] in states.RUN_TERMINAL:
                 raise FailedPrecondition(
                     f"run {request.run_id} is {states.run_state_name(run['state'])}"
@@ -293,9 +292,10 @@ class LedgerStore:
             epoch = target["claim_epoch"] + 1
             expire = run["now"] + timedelta(seconds=seconds)
             await conn.execute(
-                f"UPDATE {table} SET claim_executor = $2, claim_epoch = $3, claim_time = $4,"
-                f" claim_expire = $5 WHERE {key} = $1",
-                request.chunk_id or request.run_id,
+                f"UPDATE {claimable.table} SET claim_executor = $2, claim_epoch = $3,"
+                " claim_time = $4,"
+                f" claim_expire = $5 WHERE {claimable.column} = $1",
+                claimable.key,
                 request.executor_id,
                 epoch,
                 run["now"],
@@ -337,18 +337,16 @@ class LedgerStore:
             if earlier is not None:
                 return earlier
             run = await lock_run(conn, request.run_id)
-            target, table, key = run, "runs", request.run_id
-            if request.chunk_id:
-                target = await _lock_chunk(conn, request.run_id, request.chunk_id)
-                target = {**dict(target), "now": run["now"]}
-                table, key = "chunks", request.chunk_id
-            check_claim(target, request.epoch, what=f"{table[:-1]} {key}")
+            claimable = await _claimable(conn, run, request.chunk_id)
+            target = claimable.row
+            check_claim(target, request.epoch, what=claimable.what)
             if target["claim_executor"] != request.executor_id:
-                raise FailedPrecondition(f"{table[:-1]} {key} is held by another executor")
+                raise FailedPrecondition(f"{claimable.what} is held by another executor")
             expire = run["now"] + timedelta(seconds=seconds)
-            column = "run_id" if table == "runs" else "chunk_id"
             await conn.execute(
-                f"UPDATE {table} SET claim_expire = $2 WHERE {column} = $1", key, expire
+                f"UPDATE {claimable.table} SET claim_expire = $2 WHERE {claimable.column} = $1",
+                claimable.key,
+                expire,
             )
             response = pb.RenewClaimResponse(
                 pending_control=run["pending_control"] if not request.chunk_id else 0  # type: ignore[arg-type]
@@ -373,19 +371,16 @@ class LedgerStore:
             if earlier is not None:
                 return earlier
             run = await lock_run(conn, request.run_id)
-            target, table, key = run, "runs", request.run_id
-            if request.chunk_id:
-                target = await _lock_chunk(conn, request.run_id, request.chunk_id)
-                table, key = "chunks", request.chunk_id
+            claimable = await _claimable(conn, run, request.chunk_id)
+            target = claimable.row
             if request.epoch != target["claim_epoch"]:
                 raise FailedPrecondition(
                     f"stale epoch {request.epoch}: claimed under epoch {target['claim_epoch']}"
                 )
-            column = "run_id" if table == "runs" else "chunk_id"
             await conn.execute(
-                f"UPDATE {table} SET claim_executor = NULL, claim_expire = NULL"
-                f" WHERE {column} = $1",
-                key,
+                f"UPDATE {claimable.table} SET claim_executor = NULL, claim_expire = NULL"
+                f" WHERE {claimable.column} = $1",
+                claimable.key,
             )
             log = EventLog(request.run_id, run["last_sequence"])
             log.add(
@@ -652,23 +647,22 @@ class LedgerStore:
             if earlier is not None:
                 return earlier
             run = await lock_run(conn, request.run_id)
-            target, table, key = run, "runs", request.run_id
-            if request.chunk_id:
-                target = await _lock_chunk(conn, request.run_id, request.chunk_id)
-                table, key = "chunks", request.chunk_id
+            claimable = await _claimable(conn, run, request.chunk_id)
+            target = claimable.row
             if run["state"] in states.RUN_TERMINAL:
                 raise FailedPrecondition(
                     f"run {request.run_id} is {states.run_state_name(run['state'])}"
                 )
             if request.expected_dispatch_epoch != target["dispatch_epoch"]:
                 raise Aborted(
-                    f"dispatch epoch of {key} is {target['dispatch_epoch']}, "
+                    f"dispatch epoch of {claimable.what} is {target['dispatch_epoch']}, "
                     f"not {request.expected_dispatch_epoch}: someone else dispatched it"
                 )
             epoch = target["dispatch_epoch"] + 1
-            column = "run_id" if table == "runs" else "chunk_id"
             await conn.execute(
-                f"UPDATE {table} SET dispatch_epoch = $2 WHERE {column} = $1", key, epoch
+                f"UPDATE {claimable.table} SET dispatch_epoch = $2 WHERE {claimable.column} = $1",
+                claimable.key,
+                epoch,
             )
             log = EventLog(request.run_id, run["last_sequence"])
             log.add(
@@ -857,6 +851,27 @@ class LedgerStore:
 
 
 # --- shared pieces of the operations -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Claimable:
+    """The run, or one of its chunks, that a claim or dispatch concerns."""
+
+    row: Mapping[str, Any]  # the locked row, with the transaction's ``now``
+    table: str
+    column: str
+    key: str
+
+    @property
+    def what(self) -> str:
+        return f"{self.table[:-1]} {self.key}"
+
+
+async def _claimable(conn: asyncpg.Connection, run: asyncpg.Record, chunk_id: str) -> _Claimable:
+    if not chunk_id:
+        return _Claimable(run, "runs", "run_id", run["run_id"])
+    chunk = await _lock_chunk(conn, run["run_id"], chunk_id)
+    return _Claimable({**dict(chunk), "now": run["now"]}, "chunks", "chunk_id", chunk_id)
 
 
 async def _lock_chunk(conn: asyncpg.Connection, run_id: str, chunk_id: str) -> asyncpg.Record:

@@ -14,11 +14,14 @@ import grpc
 import psutil
 import pytest
 
+from stepline.api.common.v1 import workflow_pb2
+from stepline.api.events.v1 import events_pb2
 from stepline.api.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from stepline.cli import mesh
 from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings
 from stepline.common.embedded import ProcessRecord, group_alive, postgres_dsn
+from stepline.common.jetstream import Streams, connect
 
 EXPECTED = {"postgres", "nats", "adb", *mesh.SERVICES}
 
@@ -56,6 +59,30 @@ async def _ledger_answers_with_auth(endpoint: str, token: str) -> grpc.StatusCod
         except grpc.aio.AioRpcError as exc:
             return exc.code()
     return grpc.StatusCode.OK
+
+
+async def _create_run(endpoint: str, token: str) -> str:
+    request = ledger_pb2.CreateRunRequest(request_id="mesh-test")
+    request.definition.name = "mesh"
+    request.definition.version = 1
+    request.initiator.id = "admin"
+    request.tasks.add(step_id="a", step_path="a", kind=workflow_pb2.STEP_KIND_ATOMIC)
+    async with open_channel(endpoint, settings=ClientSettings(), token=token) as channel:
+        response = await ledger_pb2_grpc.LedgerServiceStub(channel).CreateRun(request)
+    return response.run.run_id
+
+
+async def _first_event_of(nats_url: str, run_id: str) -> events_pb2.Event:
+    """The first message on STEPLINE_EVENTS for ``run_id`` (waits up to 30 s)."""
+    nc = await connect(nats_url, name="mesh-test")
+    try:
+        sub = await nc.jetstream().subscribe(
+            Streams().subject("events", "*", run_id), ordered_consumer=True
+        )
+        message = await sub.next_msg(timeout=30)
+        return events_pb2.Event.FromString(message.data)
+    finally:
+        await nc.close()
 
 
 async def _write_marker(dsn: str) -> None:
@@ -99,12 +126,17 @@ def test_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
         )
         postgres = next(c for c in state.components if c.name == "postgres")
         asyncio.run(_write_marker(postgres_dsn(postgres.port, mesh.DATABASE)))
+        # A run recorded by the ledger reaches STEPLINE_EVENTS through its outbox relay.
+        run_id = asyncio.run(_create_run(ledger, state.admin_token))
+        event = asyncio.run(_first_event_of(state.endpoint("nats"), run_id))
+        assert event.run_id == run_id and event.record.sequence == 1
 
         again = stepline(state_dir, "up")  # idempotent: reports, starts nothing new
         assert again.returncode == 0 and "already running" in again.stdout
     finally:
         stopped = stepline(state_dir, "down")
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "was killed" not in stopped.stdout  # every component stopped gracefully
     for record in state.components:
         assert not group_alive(record), f"{record.name} (pid {record.pid}) survived down"
     assert _processes_under(state_dir) == []

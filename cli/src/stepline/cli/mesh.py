@@ -238,9 +238,12 @@ def down(state_dir: Path, *, progress: Callable[[str], None] = print) -> list[st
     services = [c for c in state.components if c.name in SERVICES]
     infrastructure = [c for c in state.components if c.name not in SERVICES]
     with ThreadPoolExecutor(max_workers=max(1, len(services))) as pool:
-        list(pool.map(lambda r: embedded.stop(r, timeout_s=15), services))
-    for record in reversed(infrastructure):
-        embedded.stop(record, timeout_s=30)
+        graceful = list(pool.map(lambda r: embedded.stop(r, timeout_s=15), services))
+    graceful += [embedded.stop(r, timeout_s=30) for r in reversed(infrastructure)]
+    ordered = services + list(reversed(infrastructure))
+    for record, ok in zip(ordered, graceful, strict=True):
+        if not ok:
+            progress(f"{record.name} did not stop in time and was killed (log: {record.log})")
     stopped = [c.name for c in state.components]
     progress(f"stopped {', '.join(stopped)}")
     state.path.unlink(missing_ok=True)

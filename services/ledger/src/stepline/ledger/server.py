@@ -153,7 +153,13 @@ async def serve(settings: LedgerSettings) -> None:
         stack.push_async_callback(committer.close)
         relay = OutboxRelay(pool=pool, js=js, streams=settings.nats.streams)
         relay_task = asyncio.create_task(relay.run(), name="ledger-outbox-relay")
-        stack.callback(relay_task.cancel)
+
+        async def stop_relay() -> None:
+            relay_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay_task
+
+        stack.push_async_callback(stop_relay)
         store = LedgerStore(
             pool,
             committer,

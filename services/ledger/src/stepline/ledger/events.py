@@ -8,6 +8,7 @@ its transaction, so an event exists if and only if its change was committed.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -78,12 +79,20 @@ class EventLog:
         self.pending.append(_Pending(record, payload or {}, typed))
         return self.last_sequence
 
-    async def flush(self, conn: asyncpg.Connection) -> None:
-        """Write the queued events, their outbox rows and the run's last sequence."""
-        if not self.pending:
-            return
-        events = []
-        outbox = []
+    async def flush(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        request: Message | None = None,
+        response: Message | None = None,
+    ) -> None:
+        """Write the queued events, their outbox rows, the run's last sequence and,
+        given a request, its response for idempotent replays: one statement."""
+        events: list[dict[str, Any]] = []
+        outbox_ids: list[uuid.UUID] = []
+        subjects: list[str] = []
+        bodies: list[bytes] = []
+        times: list[datetime] = []
         for item in self.pending:
             record = item.record
             envelope = events_pb2.Event(
@@ -97,37 +106,69 @@ class EventLog:
             if item.typed is not None:
                 name, message = item.typed
                 getattr(envelope, name).CopyFrom(message)
-            event_uuid = uuid.UUID(record.event_id)
             when = record.time.ToDatetime(tzinfo=UTC)
             events.append(
-                (
-                    record.run_id,
-                    record.sequence,
-                    event_uuid,
-                    int(record.type),
-                    record.actor.id,
-                    list(record.actor.roles),
-                    when,
-                    record.task_id or None,
-                    record.chunk_id or None,
-                    item.payload,
-                )
+                {
+                    "sequence": record.sequence,
+                    "event_id": record.event_id,
+                    "type": int(record.type),
+                    "actor_id": record.actor.id,
+                    "actor_roles": list(record.actor.roles),
+                    "time": when.isoformat(),
+                    "task_id": record.task_id or None,
+                    "chunk_id": record.chunk_id or None,
+                    "payload": item.payload,
+                }
             )
-            subject = f"{_KIND.get(record.type, 'run')}.{record.run_id}"
-            outbox.append((event_uuid, record.run_id, subject, envelope.SerializeToString(), when))
-        await conn.executemany(
-            "INSERT INTO events (run_id, sequence, event_id, type, actor_id, actor_roles, time,"
-            " task_id, chunk_id, payload) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            events,
-        )
-        await conn.executemany(
-            "INSERT INTO outbox (event_id, run_id, subject, body, create_time)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            outbox,
-        )
+            outbox_ids.append(uuid.UUID(record.event_id))
+            subjects.append(f"{_KIND.get(record.type, 'run')}.{record.run_id}")
+            bodies.append(envelope.SerializeToString())
+            times.append(when)
         await conn.execute(
-            "UPDATE runs SET last_sequence = $2, update_time = clock_timestamp() WHERE run_id = $1",
+            _FLUSH_SQL,
             self.run_id,
+            events,
+            outbox_ids,
+            subjects,
+            bodies,
+            times,
             self.last_sequence,
+            request.DESCRIPTOR.name if request is not None else None,
+            getattr(request, "request_id", None),
+            fingerprint(request) if request is not None else None,
+            response.SerializeToString() if response is not None else None,
         )
         self.pending.clear()
+
+
+def fingerprint(request: Message) -> str:
+    """A digest of ``request`` without its request_id, to tell replays from conflicts."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+_FLUSH_SQL = """
+WITH new_events AS (
+    INSERT INTO events (run_id, sequence, event_id, type, actor_id, actor_roles, time,
+                        task_id, chunk_id, payload)
+    SELECT $1, e.sequence, e.event_id, e.type, e.actor_id,
+           ARRAY(SELECT jsonb_array_elements_text(e.actor_roles)), e.time,
+           e.task_id, e.chunk_id, coalesce(e.payload, '{}')
+    FROM jsonb_to_recordset($2::jsonb) AS e(
+        sequence bigint, event_id uuid, type smallint, actor_id text, actor_roles jsonb,
+        time timestamptz, task_id text, chunk_id text, payload jsonb)
+), new_outbox AS (
+    INSERT INTO outbox (event_id, run_id, subject, body, create_time)
+    SELECT o.event_id, $1, o.subject, o.body, o.create_time
+    FROM unnest($3::uuid[], $4::text[], $5::bytea[], $6::timestamptz[])
+        AS o(event_id, subject, body, create_time)
+), new_request AS (
+    INSERT INTO requests (method, request_id, fingerprint, response)
+    SELECT $8, $9, $10, $11 WHERE $8::text IS NOT NULL
+)
+UPDATE runs SET last_sequence = $7,
+    update_time = CASE WHEN $7 > last_sequence THEN clock_timestamp() ELSE update_time END
+WHERE run_id = $1
+"""

@@ -9,7 +9,6 @@ its idempotency record.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from stepline.ledger import convert, states
 from stepline.ledger.committer import GroupCommitter
-from stepline.ledger.events import EventLog
+from stepline.ledger.events import EventLog, fingerprint
 
 R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
@@ -73,13 +72,6 @@ def lease_seconds(duration_s: float, *, default_s: float, max_s: float) -> float
 # --- idempotency -----------------------------------------------------------------
 
 
-def _fingerprint(request: Message) -> str:
-    copy = type(request)()
-    copy.CopyFrom(request)
-    copy.ClearField("request_id")
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
-
-
 async def replayed(conn: asyncpg.Connection, request: Message, response_type: type[M]) -> M | None:
     """The stored response of an earlier identical request; ABORTED if it differed."""
     method = request.DESCRIPTOR.name
@@ -91,7 +83,7 @@ async def replayed(conn: asyncpg.Connection, request: Message, response_type: ty
     )
     if row is None:
         return None
-    if row["fingerprint"] != _fingerprint(request):
+    if row["fingerprint"] != fingerprint(request):
         raise Aborted(
             f"request_id {request_id!r} was already used for a different {method}; "
             "use a new request_id for a new request"
@@ -99,17 +91,35 @@ async def replayed(conn: asyncpg.Connection, request: Message, response_type: ty
     return response_type.FromString(row["response"])
 
 
-async def remember(conn: asyncpg.Connection, request: Message, response: Message) -> None:
-    await conn.execute(
-        "INSERT INTO requests (method, request_id, fingerprint, response) VALUES ($1, $2, $3, $4)",
-        request.DESCRIPTOR.name,
-        request.request_id,  # type: ignore[attr-defined]
-        _fingerprint(request),
-        response.SerializeToString(),
-    )
-
-
 # --- reads inside write transactions ---------------------------------------------
+
+
+async def lock_run_replaying(
+    conn: asyncpg.Connection, request: Message, response_type: type[M]
+) -> tuple[asyncpg.Record, M | None]:
+    """Lock the request's run and look up an earlier response to the same request,
+    in one round trip. Returns the run and the earlier response (or None)."""
+    run_id: str = request.run_id  # type: ignore[attr-defined]
+    request_id: str = request.request_id  # type: ignore[attr-defined]
+    row = await conn.fetchrow(
+        "SELECT r.*, clock_timestamp() AS now, q.fingerprint AS replay_fingerprint,"
+        " q.response AS replay_response FROM runs r"
+        " LEFT JOIN requests q ON q.method = $2 AND q.request_id = $3"
+        " WHERE r.run_id = $1 FOR UPDATE OF r",
+        run_id,
+        request.DESCRIPTOR.name,
+        request_id,
+    )
+    if row is None:
+        raise NotFound(f"run {run_id!r} does not exist")
+    if row["replay_response"] is None:
+        return row, None
+    if row["replay_fingerprint"] != fingerprint(request):
+        raise Aborted(
+            f"request_id {request_id!r} was already used for a different "
+            f"{request.DESCRIPTOR.name}; use a new request_id for a new request"
+        )
+    return row, response_type.FromString(row["replay_response"])
 
 
 async def lock_run(conn: asyncpg.Connection, run_id: str) -> asyncpg.Record:
@@ -244,11 +254,10 @@ class LedgerStore:
                     ),
                 ),
             )
-            await log.flush(conn)
             response = pb.CreateRunResponse(
                 run=await read_run(conn, run_id, view=run_pb2.RUN_VIEW_TASKS), created=True
             )
-            await remember(conn, request, response)
+            await log.flush(conn, request=request, response=response)
             return response
 
         return await self.committer.submit(request.request_id, operation)
@@ -266,10 +275,9 @@ class LedgerStore:
         )
 
         async def operation(conn: asyncpg.Connection) -> pb.ClaimRunResponse:
-            earlier = await replayed(conn, request, pb.ClaimRunResponse)
+            run, earlier = await lock_run_replaying(conn, request, pb.ClaimRunResponse)
             if earlier is not None:
                 return earlier
-            run = await lock_run(conn, request.run_id)
             claimable = await _claimable(conn, run, request.chunk_id)
             target, what = claimable.row, claimable.what
             if request.chunk_id and target["state"] in states.TASK_TERMINAL:
@@ -308,7 +316,6 @@ class LedgerStore:
                 chunk_id=request.chunk_id,
                 payload={"epoch": epoch, "expire_time": expire.isoformat()},
             )
-            await log.flush(conn)
             response = pb.ClaimRunResponse(
                 run=await read_run(conn, request.run_id, view=run_pb2.RUN_VIEW_FULL)
             )
@@ -317,7 +324,7 @@ class LedgerStore:
                 response.claim.CopyFrom(response.chunk.claim)
             else:
                 response.claim.CopyFrom(response.run.claim)
-            await remember(conn, request, response)
+            await log.flush(conn, request=request, response=response)
             return response
 
         return await self.committer.submit(request.run_id, operation)
@@ -333,10 +340,9 @@ class LedgerStore:
         )
 
         async def operation(conn: asyncpg.Connection) -> pb.RenewClaimResponse:
-            earlier = await replayed(conn, request, pb.RenewClaimResponse)
+            run, earlier = await lock_run_replaying(conn, request, pb.RenewClaimResponse)
             if earlier is not None:
                 return earlier
-            run = await lock_run(conn, request.run_id)
             claimable = await _claimable(conn, run, request.chunk_id)
             target = claimable.row
             check_claim(target, request.epoch, what=claimable.what)
@@ -356,7 +362,9 @@ class LedgerStore:
             response.claim.expire_time.FromDatetime(expire)
             if target["claim_time"] is not None:
                 response.claim.claim_time.FromDatetime(target["claim_time"])
-            await remember(conn, request, response)
+            await EventLog(request.run_id, run["last_sequence"]).flush(
+                conn, request=request, response=response
+            )
             return response
 
         return await self.committer.submit(request.run_id, operation)
@@ -367,10 +375,9 @@ class LedgerStore:
         require(request.executor_id, "executor_id")
 
         async def operation(conn: asyncpg.Connection) -> pb.ReleaseClaimResponse:
-            earlier = await replayed(conn, request, pb.ReleaseClaimResponse)
+            run, earlier = await lock_run_replaying(conn, request, pb.ReleaseClaimResponse)
             if earlier is not None:
                 return earlier
-            run = await lock_run(conn, request.run_id)
             claimable = await _claimable(conn, run, request.chunk_id)
             target = claimable.row
             if request.epoch != target["claim_epoch"]:
@@ -389,10 +396,9 @@ class LedgerStore:
                 chunk_id=request.chunk_id,
                 payload={"epoch": request.epoch, "reason": request.reason},
             )
-            await log.flush(conn)
             response = pb.ReleaseClaimResponse()
             response.claim.epoch = request.epoch
-            await remember(conn, request, response)
+            await log.flush(conn, request=request, response=response)
             return response
 
         return await self.committer.submit(request.run_id, operation)
@@ -411,10 +417,9 @@ class LedgerStore:
         check_size(request.outputs, "outputs")
 
         async def operation(conn: asyncpg.Connection) -> pb.TransitionRunResponse:
-            earlier = await replayed(conn, request, pb.TransitionRunResponse)
+            run, earlier = await lock_run_replaying(conn, request, pb.TransitionRunResponse)
             if earlier is not None:
                 return earlier
-            run = await lock_run(conn, request.run_id)
             check_claim(run, request.epoch, what=f"run {request.run_id}")
             log = EventLog(request.run_id, run["last_sequence"])
             sequence = await _apply_run_state(
@@ -427,12 +432,11 @@ class LedgerStore:
                 outputs=request.outputs if request.HasField("outputs") else None,
                 reason=request.reason,
             )
-            await log.flush(conn)
             response = pb.TransitionRunResponse(
                 run=await read_run(conn, request.run_id, view=run_pb2.RUN_VIEW_BASIC),
                 event_sequence=sequence,
             )
-            await remember(conn, request, response)
+            await log.flush(conn, request=request, response=response)
             return response
 
         return await self.committer.submit(request.run_id, operation)
@@ -445,20 +449,15 @@ class LedgerStore:
         _validate_step_change(request.state, request.failure, request.output, request.attempt)
 
         async def operation(conn: asyncpg.Connection) -> pb.TransitionTaskResponse:
-            earlier = await replayed(conn, request, pb.TransitionTaskResponse)
+            run, earlier = await lock_run_replaying(conn, request, pb.TransitionTaskResponse)
             if earlier is not None:
                 return earlier
-            run = await lock_run(conn, request.run_id)
             check_claim(run, request.epoch, what=f"run {request.run_id}")
             if run["state"] in states.RUN_TERMINAL:
                 raise FailedPrecondition(
                     f"run {request.run_id} is {states.run_state_name(run['state'])}"
                 )
-            task = await conn.fetchrow(
-                "SELECT * FROM tasks WHERE task_id = $1 AND run_id = $2 FOR UPDATE",
-                request.task_id,
-                request.run_id,
-            )
+            task = await conn.fetchrow(_LOCK_TASK_SQL, request.task_id, request.run_id)
             if task is None:
                 raise NotFound(f"task {request.task_id!r} is not part of run {request.run_id}")
             log = EventLog(request.run_id, run["last_sequence"])
@@ -482,11 +481,10 @@ class LedgerStore:
                     "approval_id": request.approval_id or None,
                 },
             )
-            await log.flush(conn)
             response = pb.TransitionTaskResponse(
                 task=await read_task(conn, request.task_id), event_sequence=sequence
             )
-            await remember(conn, request, response)
+            await log.flush(conn, request=request, response=response)
             return response
 
         return await self.committer.submit(request.run_id, operation)
@@ -501,10 +499,9 @@ class LedgerStore:
         _validate_step_change(request.state, request.failure, request.output, request.attempt)
 
         async def operation(conn: asyncpg.Connection) -> pb.TransitionChunkResponse:
-            earlier = await replayed(conn, request, pb.TransitionChunkResponse)
+            run, earlier = await lock_run_replaying(conn, request, pb.TransitionChunkResponse)
             if earlier is not None:
                 return earlier
-            run = await lock_run(conn, request.run_id)
             chunk = await _lock_chunk(conn, request.run_id, request.chunk_id)
             if request.use_run_claim:
                 check_claim(run, request.epoch, what=f"run {request.run_id}")
@@ -538,13 +535,12 @@ class LedgerStore:
                 epoch=request.epoch,
                 extra={},
             )
-            await log.flush(conn)
             response = pb.TransitionChunkResponse(
                 chunk=await read_chunk(conn, request.chunk_id),
                 counts=await read_chunk_counts(conn, chunk["task_id"]),
                 event_sequence=sequence,
             )
-            await remember(conn, request, response)
+            await log.flush(conn, request=request, response=response)
             return response
 
         return await self.committer.submit(request.run_id, operation)
@@ -562,10 +558,9 @@ class LedgerStore:
             check_size(record, f"records[{index}]")
 
         async def operation(conn: asyncpg.Connection) -> pb.CreateChunksResponse:
-            earlier = await replayed(conn, request, pb.CreateChunksResponse)
+            run, earlier = await lock_run_replaying(conn, request, pb.CreateChunksResponse)
             if earlier is not None:
                 return earlier
-            run = await lock_run(conn, request.run_id)
             check_claim(run, request.epoch, what=f"run {request.run_id}")
             task = await conn.fetchrow(
                 "SELECT * FROM tasks WHERE task_id = $1 AND run_id = $2 FOR UPDATE",
@@ -622,7 +617,6 @@ class LedgerStore:
                     "last_batch": request.last_batch,
                 },
             )
-            await log.flush(conn)
             chunks = await conn.fetch(
                 "SELECT * FROM chunks WHERE task_id = $1 AND index >= $2 ORDER BY index",
                 request.task_id,
@@ -632,7 +626,7 @@ class LedgerStore:
                 chunks=[convert.chunk(c, []) for c in chunks],
                 counts=await read_chunk_counts(conn, request.task_id),
             )
-            await remember(conn, request, response)
+            await log.flush(conn, request=request, response=response)
             return response
 
         return await self.committer.submit(request.run_id, operation)
@@ -643,10 +637,9 @@ class LedgerStore:
         principal(request.actor)
 
         async def operation(conn: asyncpg.Connection) -> pb.RecordDispatchResponse:
-            earlier = await replayed(conn, request, pb.RecordDispatchResponse)
+            run, earlier = await lock_run_replaying(conn, request, pb.RecordDispatchResponse)
             if earlier is not None:
                 return earlier
-            run = await lock_run(conn, request.run_id)
             claimable = await _claimable(conn, run, request.chunk_id)
             target = claimable.row
             if run["state"] in states.RUN_TERMINAL:
@@ -671,9 +664,8 @@ class LedgerStore:
                 chunk_id=request.chunk_id,
                 payload={"dispatch_epoch": epoch, "reason": request.reason},
             )
-            await log.flush(conn)
             response = pb.RecordDispatchResponse(dispatch_epoch=epoch)
-            await remember(conn, request, response)
+            await log.flush(conn, request=request, response=response)
             return response
 
         return await self.committer.submit(request.run_id, operation)
@@ -690,10 +682,9 @@ class LedgerStore:
             raise InvalidArgument("action must be CANCEL, PAUSE or RESUME")
 
         async def operation(conn: asyncpg.Connection) -> pb.RequestControlResponse:
-            earlier = await replayed(conn, request, pb.RequestControlResponse)
+            run, earlier = await lock_run_replaying(conn, request, pb.RequestControlResponse)
             if earlier is not None:
                 return earlier
-            run = await lock_run(conn, request.run_id)
             state = run["state"]
             if state in states.RUN_TERMINAL:
                 raise FailedPrecondition(
@@ -744,12 +735,11 @@ class LedgerStore:
             await conn.execute(
                 "UPDATE runs SET pending_control = $2 WHERE run_id = $1", request.run_id, pending
             )
-            await log.flush(conn)
             response = pb.RequestControlResponse(
                 run=await read_run(conn, request.run_id, view=run_pb2.RUN_VIEW_BASIC),
                 applied=applied,
             )
-            await remember(conn, request, response)
+            await log.flush(conn, request=request, response=response)
             return response
 
         return await self.committer.submit(request.run_id, operation)
@@ -761,10 +751,9 @@ class LedgerStore:
         actor = principal(request.actor)
 
         async def operation(conn: asyncpg.Connection) -> pb.RerunFromResponse:
-            earlier = await replayed(conn, request, pb.RerunFromResponse)
+            run, earlier = await lock_run_replaying(conn, request, pb.RerunFromResponse)
             if earlier is not None:
                 return earlier
-            run = await lock_run(conn, request.run_id)
             if run["state"] not in (
                 R.WORKFLOW_RUN_STATE_FAILED,
                 R.WORKFLOW_RUN_STATE_TIMED_OUT,
@@ -840,17 +829,34 @@ class LedgerStore:
                     ),
                 ),
             )
-            await log.flush(conn)
             response = pb.RerunFromResponse(
                 run=await read_run(conn, request.run_id, view=run_pb2.RUN_VIEW_TASKS)
             )
-            await remember(conn, request, response)
+            await log.flush(conn, request=request, response=response)
             return response
 
         return await self.committer.submit(request.run_id, operation)
 
 
 # --- shared pieces of the operations -----------------------------------------------
+
+
+# A task or chunk, locked, with its last attempt's number and whether it is open.
+_LAST_ATTEMPT = (
+    " LEFT JOIN LATERAL (SELECT attempt_number AS last_attempt_number,"
+    " end_time IS NULL AS last_attempt_open FROM attempts"
+    " WHERE owner_id = {key} ORDER BY attempt_number DESC LIMIT 1) a ON true"
+)
+_LOCK_TASK_SQL = (
+    "SELECT t.*, a.* FROM tasks t"
+    + _LAST_ATTEMPT.format(key="t.task_id")
+    + " WHERE t.task_id = $1 AND t.run_id = $2 FOR UPDATE OF t"
+)
+_LOCK_CHUNK_SQL = (
+    "SELECT c.*, a.* FROM chunks c"
+    + _LAST_ATTEMPT.format(key="c.chunk_id")
+    + " WHERE c.chunk_id = $1 AND c.run_id = $2 FOR UPDATE OF c"
+)
 
 
 @dataclass(frozen=True)
@@ -875,9 +881,7 @@ async def _claimable(conn: asyncpg.Connection, run: asyncpg.Record, chunk_id: st
 
 
 async def _lock_chunk(conn: asyncpg.Connection, run_id: str, chunk_id: str) -> asyncpg.Record:
-    row = await conn.fetchrow(
-        "SELECT * FROM chunks WHERE chunk_id = $1 AND run_id = $2 FOR UPDATE", chunk_id, run_id
-    )
+    row = await conn.fetchrow(_LOCK_CHUNK_SQL, chunk_id, run_id)
     if row is None:
         raise NotFound(f"chunk {chunk_id!r} is not part of run {run_id}")
     return row
@@ -1048,13 +1052,8 @@ async def _apply_step_change(
             f"{what} cannot go from {states.task_state_name(current)} "
             f"to {states.task_state_name(state)}"
         )
-    last = await conn.fetchrow(
-        "SELECT attempt_number, state, end_time FROM attempts WHERE owner_id = $1"
-        " ORDER BY attempt_number DESC LIMIT 1",
-        owner_id,
-    )
-    last_number = last["attempt_number"] if last else 0
-    open_attempt = last is not None and last["end_time"] is None
+    last_number = row["last_attempt_number"] or 0
+    open_attempt = bool(row["last_attempt_open"])
     # Attempts: explicit when given; otherwise implied by the state change.
     start_number = 0
     end_state = 0

@@ -141,11 +141,14 @@ CREATE INDEX outbox_unpublished ON outbox (id) WHERE publish_time IS NULL;
 -- statement); the relay also polls, so a missed notification only delays.
 CREATE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('stepline_outbox', '');
+    IF EXISTS (SELECT 1 FROM inserted) THEN
+        PERFORM pg_notify('stepline_outbox', '');
+    END IF;
     RETURN NULL;
 END
 $$;
 CREATE TRIGGER outbox_notify AFTER INSERT ON outbox
+    REFERENCING NEW TABLE AS inserted
     FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify();
 
 -- Idempotency: the response of every applied write, by request id.

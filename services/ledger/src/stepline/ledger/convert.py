@@ -34,15 +34,18 @@ def failure(data: dict[str, Any] | None) -> common_pb2.Failure | None:
     return json_format.ParseDict(data, common_pb2.Failure())
 
 
-def timestamp(value: datetime | None) -> Timestamp | None:
+def timestamp(value: datetime | str | None) -> Timestamp | None:
+    """A Timestamp from a database value (a datetime, or ISO text from JSON)."""
     if value is None:
         return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
     stamp = Timestamp()
     stamp.FromDatetime(value)
     return stamp
 
 
-def _set_time(message: Message, field: str, value: datetime | None) -> None:
+def _set_time(message: Message, field: str, value: datetime | str | None) -> None:
     stamp = timestamp(value)
     if stamp is not None:
         getattr(message, field).CopyFrom(stamp)

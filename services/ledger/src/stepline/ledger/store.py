@@ -1211,27 +1211,30 @@ async def read_chunk_counts(conn: asyncpg.Connection, task_id: str) -> run_pb2.C
     return convert.chunk_counts(list(rows), complete=bool(complete))
 
 
+_WITH_ATTEMPTS = (
+    "SELECT o.*, (SELECT coalesce(json_agg(a ORDER BY a.attempt_number), '[]')"
+    " FROM attempts a WHERE a.owner_id = o.{key}) AS attempts_json"
+    " FROM {table} o WHERE o.{key} = $1"
+)
+
+
 async def read_task(conn: asyncpg.Connection, task_id: str) -> run_pb2.TaskRun:
-    row = await conn.fetchrow("SELECT * FROM tasks WHERE task_id = $1", task_id)
+    """A task with its attempts, in one round trip (two for a chunked step)."""
+    row = await conn.fetchrow(_WITH_ATTEMPTS.format(table="tasks", key="task_id"), task_id)
     if row is None:
         raise NotFound(f"task {task_id!r} does not exist")
-    attempts = await conn.fetch(
-        "SELECT * FROM attempts WHERE owner_id = $1 ORDER BY attempt_number", task_id
-    )
     counts = None
     if row["kind"] == workflow_pb2.STEP_KIND_CHUNKED:
         counts = await read_chunk_counts(conn, task_id)
-    return convert.task(row, list(attempts), counts)
+    return convert.task(row, row["attempts_json"], counts)
 
 
 async def read_chunk(conn: asyncpg.Connection, chunk_id: str) -> run_pb2.ChunkRun:
-    row = await conn.fetchrow("SELECT * FROM chunks WHERE chunk_id = $1", chunk_id)
+    """A chunk with its attempts, in one round trip."""
+    row = await conn.fetchrow(_WITH_ATTEMPTS.format(table="chunks", key="chunk_id"), chunk_id)
     if row is None:
         raise NotFound(f"chunk {chunk_id!r} does not exist")
-    attempts = await conn.fetch(
-        "SELECT * FROM attempts WHERE owner_id = $1 ORDER BY attempt_number", chunk_id
-    )
-    return convert.chunk(row, list(attempts))
+    return convert.chunk(row, row["attempts_json"])
 
 
 async def read_run(conn: asyncpg.Connection, run_id: str, *, view: int) -> run_pb2.WorkflowRun:

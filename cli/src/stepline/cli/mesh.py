@@ -128,7 +128,6 @@ def _service_env(
         STEPLINE_NATS_URL=nats_url,
         STEPLINE_ADB_SERVERS=f"127.0.0.1:{adb_port}",
         STEPLINE_LEDGER_ADDR=f"127.0.0.1:{ports['ledger']}",
-        STEPLINE_SCHEDULER_ADDR=f"127.0.0.1:{ports['scheduler']}",
         STEPLINE_APPROVALS_ADDR=f"127.0.0.1:{ports['approvals']}",
         STEPLINE_DEVICE_BROKER_ADDR=f"127.0.0.1:{ports['device-broker']}",
         STEPLINE_EXECUTOR_ID=f"{name}-1",

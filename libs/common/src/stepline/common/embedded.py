@@ -194,14 +194,6 @@ def log_tail(path: str, lines: int = 20) -> str:
         return ""
 
 
-def tcp_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 # --- PostgreSQL ------------------------------------------------------------------
 
 

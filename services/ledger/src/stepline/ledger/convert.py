@@ -15,6 +15,14 @@ from stepline.api.common.v1 import common_pb2, run_pb2, workflow_pb2
 Row = Any  # an asyncpg.Record (asyncpg ships no type information)
 
 
+def group_by(rows: list[Row], key: str) -> dict[Any, list[Row]]:
+    """Rows grouped by one column's value, keeping their order."""
+    groups: dict[Any, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row[key], []).append(row)
+    return groups
+
+
 def to_dict(message: Message) -> dict[str, Any]:
     """A message as JSON-ready data (enum names, original field names)."""
     result: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)

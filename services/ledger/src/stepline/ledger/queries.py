@@ -56,26 +56,18 @@ async def get_run(pool: asyncpg.Pool, request: pb.GetRunRequest) -> pb.GetRunRes
                 " WHERE c.run_id = $1 ORDER BY t.ordinal, c.index",
                 request.run_id,
             )
-            attempts = await _attempts_by_owner(conn, request.run_id, chunks=True)
+            attempts = convert.group_by(
+                await conn.fetch(
+                    "SELECT * FROM attempts WHERE run_id = $1 AND chunk_id IS NOT NULL"
+                    " ORDER BY owner_id, attempt_number",
+                    request.run_id,
+                ),
+                "owner_id",
+            )
             response.chunks.extend(
                 convert.chunk(c, attempts.get(c["chunk_id"], [])) for c in chunks
             )
     return response
-
-
-async def _attempts_by_owner(
-    conn: asyncpg.Connection, run_id: str, *, chunks: bool
-) -> dict[str, list[asyncpg.Record]]:
-    rows = await conn.fetch(
-        "SELECT * FROM attempts WHERE run_id = $1 AND (chunk_id IS NOT NULL) = $2"
-        " ORDER BY owner_id, attempt_number",
-        run_id,
-        chunks,
-    )
-    result: dict[str, list[asyncpg.Record]] = {}
-    for row in rows:
-        result.setdefault(row["owner_id"], []).append(row)
-    return result
 
 
 async def list_runs(pool: asyncpg.Pool, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
@@ -143,9 +135,7 @@ async def list_chunks(pool: asyncpg.Pool, request: pb.ListChunksRequest) -> pb.L
         "SELECT * FROM attempts WHERE owner_id = ANY($1) ORDER BY owner_id, attempt_number",
         owners,
     )
-    by_owner: dict[str, list[asyncpg.Record]] = {}
-    for attempt in attempts:
-        by_owner.setdefault(attempt["owner_id"], []).append(attempt)
+    by_owner = convert.group_by(attempts, "owner_id")
     response = pb.ListChunksResponse(
         chunks=[convert.chunk(r, by_owner.get(r["chunk_id"], [])) for r in rows[:size]]
     )

@@ -83,12 +83,19 @@ async def replayed(conn: asyncpg.Connection, request: Message, response_type: ty
     )
     if row is None:
         return None
-    if row["fingerprint"] != fingerprint(request):
+    return _earlier_response(request, row["fingerprint"], row["response"], response_type)
+
+
+def _earlier_response(
+    request: Message, stored_fingerprint: str, stored_response: bytes, response_type: type[M]
+) -> M:
+    """The stored response of a replayed request; ABORTED if the request differs."""
+    if stored_fingerprint != fingerprint(request):
         raise Aborted(
-            f"request_id {request_id!r} was already used for a different {method}; "
-            "use a new request_id for a new request"
+            f"request_id {request.request_id!r} was already used for a different "  # type: ignore[attr-defined]
+            f"{request.DESCRIPTOR.name}; use a new request_id for a new request"
         )
-    return response_type.FromString(row["response"])
+    return response_type.FromString(stored_response)
 
 
 # --- reads inside write transactions ---------------------------------------------
@@ -114,21 +121,9 @@ async def lock_run_replaying(
         raise NotFound(f"run {run_id!r} does not exist")
     if row["replay_response"] is None:
         return row, None
-    if row["replay_fingerprint"] != fingerprint(request):
-        raise Aborted(
-            f"request_id {request_id!r} was already used for a different "
-            f"{request.DESCRIPTOR.name}; use a new request_id for a new request"
-        )
-    return row, response_type.FromString(row["replay_response"])
-
-
-async def lock_run(conn: asyncpg.Connection, run_id: str) -> asyncpg.Record:
-    row = await conn.fetchrow(
-        "SELECT *, clock_timestamp() AS now FROM runs WHERE run_id = $1 FOR UPDATE", run_id
+    return row, _earlier_response(
+        request, row["replay_fingerprint"], row["replay_response"], response_type
     )
-    if row is None:
-        raise NotFound(f"run {run_id!r} does not exist")
-    return row
 
 
 def check_claim(row: Mapping[str, Any], epoch: int, *, what: str) -> None:
@@ -1085,8 +1080,6 @@ async def _apply_step_change(
         and not start_number
     ):
         raise FailedPrecondition(f"{what} starts RUNNING with a new attempt")
-    if state in states.ATTEMPT_END and state != T.TASK_RUN_STATE_RUNNING and open_attempt:
-        end_state = end_state or state
     failure_json = _failure_json(failure)
     attempt_failure = _failure_json(
         attempt.failure if attempt is not None and attempt.HasField("failure") else failure
@@ -1154,11 +1147,9 @@ async def _apply_step_change(
         failure_json,
         *extra.values(),
     )
-    if state == current and not end_state and not start_number:
-        return log.last_sequence
-    number = start_number or last_number
     if state == current:
         return log.last_sequence
+    number = start_number or last_number
     typed: tuple[str, Message]
     if chunk_id:
         typed = (
@@ -1249,17 +1240,13 @@ async def read_run(conn: asyncpg.Connection, run_id: str, *, view: int) -> run_p
             " ORDER BY owner_id, attempt_number",
             run_id,
         )
-        by_owner: dict[str, list[asyncpg.Record]] = {}
-        for attempt in attempts:
-            by_owner.setdefault(attempt["owner_id"], []).append(attempt)
+        by_owner = convert.group_by(attempts, "owner_id")
         counts_rows = await conn.fetch(
             "SELECT task_id, state, count(*) AS n FROM chunks WHERE run_id = $1"
             " GROUP BY task_id, state",
             run_id,
         )
-        counts_by_task: dict[str, list[asyncpg.Record]] = {}
-        for c in counts_rows:
-            counts_by_task.setdefault(c["task_id"], []).append(c)
+        counts_by_task = convert.group_by(counts_rows, "task_id")
         for task in tasks:
             counts = None
             if task["kind"] == workflow_pb2.STEP_KIND_CHUNKED:

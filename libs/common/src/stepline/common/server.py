@@ -10,9 +10,10 @@ finish within the grace period).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -107,15 +108,29 @@ class GrpcHost:
         log.info("%s stopped", self.settings.service)
 
 
+@contextlib.asynccontextmanager
+async def serving(host: GrpcHost) -> AsyncIterator[GrpcHost]:
+    """Start ``host`` and report SERVING; on exit, stop it gracefully."""
+    await host.start()
+    await host.set_serving(True)
+    try:
+        yield host
+    finally:
+        await host.stop()
+
+
+async def wait_until_stopped(host: GrpcHost) -> None:
+    """Wait for SIGTERM/SIGINT (or :meth:`GrpcHost.request_stop`)."""
+    host.install_signal_handlers()
+    await host.wait_for_stop()
+    log.info("%s: stop requested, draining", host.settings.service)
+
+
 async def serve_until_stopped(host: GrpcHost) -> None:
     """Start ``host``, report SERVING, wait for SIGTERM/SIGINT, stop gracefully.
 
     A service's ``serve`` opens its dependencies (pool, NATS) first, registers its
     servicers, calls this, and closes the dependencies after it returns.
     """
-    host.install_signal_handlers()
-    await host.start()
-    await host.set_serving(True)
-    await host.wait_for_stop()
-    log.info("%s: stop requested, draining", host.settings.service)
-    await host.stop()
+    async with serving(host):
+        await wait_until_stopped(host)

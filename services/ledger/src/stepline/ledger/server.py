@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -20,7 +21,7 @@ from stepline.api.ledger.v1 import ledger_pb2_grpc
 from stepline.common import jetstream
 from stepline.common.auth import require_role
 from stepline.common.db import create_pool, load_migrations
-from stepline.common.server import GrpcHost, serve_until_stopped
+from stepline.common.server import GrpcHost, serving, wait_until_stopped
 from stepline.ledger import queries
 from stepline.ledger.committer import GroupCommitter
 from stepline.ledger.config import LedgerSettings
@@ -135,7 +136,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return await get_stats(self.pool, request)
 
 
-async def serve(settings: LedgerSettings) -> None:
+@contextlib.asynccontextmanager
+async def running(settings: LedgerSettings) -> AsyncIterator[GrpcHost]:
+    """The ledger serving (pool, committer, relay, gRPC) until the block exits."""
     async with contextlib.AsyncExitStack() as stack:
         pool = await create_pool(
             settings.database_url,
@@ -173,4 +176,10 @@ async def serve(settings: LedgerSettings) -> None:
                 LedgerServicer(store), server
             ),
         )
-        await serve_until_stopped(host)
+        async with serving(host):
+            yield host
+
+
+async def serve(settings: LedgerSettings) -> None:
+    async with running(settings) as host:
+        await wait_until_stopped(host)

@@ -25,6 +25,9 @@ principal_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 _CONTEXT_FIELDS = {"run_id": run_id_var, "task_id": task_id_var, "principal": principal_var}
 
+#: Third-party loggers held at WARNING by :func:`configure_logging`.
+QUIET_LOGGERS = ("httpx", "httpcore")
+
 
 @contextlib.contextmanager
 def log_context(*, run_id: str | None = None, task_id: str | None = None) -> Iterator[None]:
@@ -99,3 +102,6 @@ def configure_logging(*, service: str, level: str = "INFO", json_output: bool = 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every request's full URL (query-string secrets included) at INFO.
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,23 +1,154 @@
 """The executor process: a stateless worker that pulls jobs from ``STEPLINE_JOBS``.
 
-It serves only ``grpc.health.v1`` (and reflection). This first cut connects to
-JetStream and makes sure the streams and the shared pull consumer exist; the
-step loop arrives with the run-execution work.
+It serves only ``grpc.health.v1`` (and reflection). Jobs come from the shared
+durable pull consumer ``executors``; at most ``max_concurrent_runs`` run at
+once (runs waiting on their chunks do not count). A job is acked when its run
+is done with this executor (terminal, paused, claim lost or not claimable) and
+kept alive with in-progress acks meanwhile. On stop the executor pulls no more
+jobs, lets runs reach a step boundary within the grace period, releases their
+claims and naks their jobs so another executor continues them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+from collections.abc import AsyncIterator
 
+import grpc
+import nats.errors
+from nats.aio.msg import Msg
+
+from stepline.api.common.v1 import workflow_pb2
+from stepline.api.events.v1 import events_pb2
+from stepline.api.scheduler.v1 import workflow_service_pb2 as wpb
+from stepline.api.scheduler.v1 import workflow_service_pb2_grpc
 from stepline.common import jetstream
 from stepline.common.client import open_channel
-from stepline.common.server import GrpcHost, serve_until_stopped
+from stepline.common.errors import from_rpc_error
+from stepline.common.server import GrpcHost, serving, wait_until_stopped
+from stepline.executor.chunks import execute_chunk_job
 from stepline.executor.config import ExecutorSettings
+from stepline.executor.control import Control
+from stepline.executor.ledger import Ledger
+from stepline.executor.runner import ACK, Worker, WorkflowResolver, execute_run_job
+from stepline.executor.verbs.registry import VerbRegistry
+
+log = logging.getLogger(__name__)
 
 JOBS_CONSUMER = "executors"
+FETCH_TIMEOUT_S = 1.0
 
 
-async def serve(settings: ExecutorSettings) -> None:
+class SchedulerWorkflows:
+    """Child workflow definitions from the scheduler's WorkflowService."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.stub = workflow_service_pb2_grpc.WorkflowServiceStub(channel)
+
+    async def get(self, name: str, version: int) -> workflow_pb2.WorkflowDefinition:
+        try:
+            response = await self.stub.GetWorkflow(
+                wpb.GetWorkflowRequest(name=name, version=version)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return response.workflow.definition
+
+
+class JobLoop:
+    """Pulls jobs and runs each in its own task, within the concurrency limit."""
+
+    def __init__(self, worker: Worker, subscription: object) -> None:
+        self.worker = worker
+        self.subscription = subscription
+        self.active: dict[asyncio.Task[None], Control] = {}
+
+    def free(self) -> int:
+        limit = self.worker.settings.max_concurrent_runs + self.worker.parked
+        return limit - len(self.active)
+
+    async def pull(self) -> None:
+        changed = self.worker.capacity_changed
+        while True:
+            changed.clear()
+            free = self.free()
+            if free <= 0:
+                await changed.wait()
+                continue
+            try:
+                messages = await self.subscription.fetch(batch=free, timeout=FETCH_TIMEOUT_S)  # type: ignore[attr-defined]
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            for msg in messages:
+                control = Control()
+                task = asyncio.create_task(self.handle(msg, control), name=f"job-{msg.subject}")
+                self.active[task] = control
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.active.pop(task, None)
+        self.worker.capacity_changed.set()
+
+    async def handle(self, msg: Msg, control: Control) -> None:
+        job = events_pb2.RunJob()
+        try:
+            job.ParseFromString(msg.data)
+        except Exception:
+            log.error("unreadable job on %s; dropped", msg.subject)
+            await msg.term()
+            return
+        delivered = msg.metadata.num_delivered if msg.metadata else 0
+        executor = self.worker.settings.executor_id
+        try:
+            if job.chunk_id:
+                request_id = f"claim:{job.chunk_id}:{job.dispatch_epoch}:{delivered}:{executor}"
+                disposition = await execute_chunk_job(
+                    self.worker, job, request_id=request_id, control=control, beat=msg.in_progress
+                )
+            else:
+                request_id = f"claim:{job.run_id}:{job.dispatch_epoch}:{delivered}:{executor}"
+                disposition = await execute_run_job(
+                    self.worker, job, request_id=request_id, control=control, beat=msg.in_progress
+                )
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(msg.nak())
+            raise
+        except Exception:
+            log.exception("job for run %s failed in the executor; redelivering", job.run_id)
+            await msg.nak(delay=5)
+            return
+        if disposition == ACK:
+            await msg.ack()
+        else:
+            await msg.nak()
+
+    async def drain(self, grace_s: float) -> None:
+        """Runs stop at their next step boundary; after the grace they are cut off."""
+        for control in self.active.values():
+            control.drain()
+        tasks = list(self.active)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    settings: ExecutorSettings,
+    *,
+    registry: VerbRegistry | None = None,
+    workflows: WorkflowResolver | None = None,
+) -> AsyncIterator[GrpcHost]:
+    """The executor pulling and running jobs until the block exits (then it drains)."""
+    if registry is None:
+        registry = VerbRegistry.default(http_allowed_hosts=settings.http_allowed_hosts)
     async with contextlib.AsyncExitStack() as stack:
         nc = await jetstream.connect(
             settings.nats.url, name=f"stepline-executor-{settings.executor_id}"
@@ -26,8 +157,39 @@ async def serve(settings: ExecutorSettings) -> None:
         js = nc.jetstream()
         streams = settings.nats.streams
         await jetstream.ensure_streams(js, streams)
-        await jetstream.ensure_pull_consumer(js, stream=streams.jobs, durable=JOBS_CONSUMER)
-        for address in (settings.ledger_addr, settings.device_broker_addr, settings.approvals_addr):
-            channel = open_channel(address, settings=settings.client)
-            stack.push_async_callback(channel.close)
-        await serve_until_stopped(GrpcHost(settings=settings.server))
+        await jetstream.ensure_pull_consumer(
+            js, stream=streams.jobs, durable=JOBS_CONSUMER, ack_wait_s=settings.ack_wait_s
+        )
+        channel = open_channel(settings.ledger_addr, settings=settings.client)
+        stack.push_async_callback(channel.close)
+        if workflows is None and settings.scheduler_addr:
+            scheduler = open_channel(settings.scheduler_addr, settings=settings.client)
+            stack.push_async_callback(scheduler.close)
+            workflows = SchedulerWorkflows(scheduler)
+        worker = Worker(
+            settings=settings,
+            ledger=Ledger(channel, executor_id=settings.executor_id),
+            nc=nc,
+            js=js,
+            registry=registry,
+            workflows=workflows,
+        )
+        subscription = await js.pull_subscribe_bind(JOBS_CONSUMER, stream=streams.jobs)
+        stack.push_async_callback(subscription.unsubscribe)
+        loop = JobLoop(worker, subscription)
+        host = GrpcHost(settings=settings.server)
+        async with serving(host):
+            puller = asyncio.create_task(loop.pull(), name="executor-pull")
+            try:
+                yield host
+            finally:
+                log.info("executor %s draining", settings.executor_id)
+                puller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await puller
+                await loop.drain(settings.server.shutdown_grace_s)
+
+
+async def serve(settings: ExecutorSettings) -> None:
+    async with running(settings) as host:
+        await wait_until_stopped(host)

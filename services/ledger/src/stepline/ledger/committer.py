@@ -8,6 +8,11 @@ runs' transitions cost one commit. Operations are sharded by run id, so the
 writes of one run are applied in order by one worker and two workers never
 wait on each other's row locks.
 
+Hot operations can instead be :class:`UnitOperation` objects: consecutive ones
+of a batch share one *unit of work* that loads every row they need in one
+statement, applies them in memory in order, and writes all their changes in
+one statement (see :mod:`stepline.ledger.unit`).
+
 If a statement fails mid-batch, the transaction is rolled back and each
 operation of the batch is retried alone, so one bad write never takes others
 down with it; an operation's own error reaches only its caller.
@@ -19,17 +24,38 @@ import asyncio
 import contextlib
 import logging
 import zlib
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import asyncpg
 
-from stepline.common.errors import SteplineError, Unavailable
+from stepline.common.errors import Aborted, SteplineError, Unavailable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Operation = Callable[[asyncpg.Connection], Awaitable[T]]
+
+
+class Unit(Protocol):
+    """A unit of work shared by consecutive :class:`UnitOperation` of one batch."""
+
+    async def flush(self, conn: asyncpg.Connection) -> None: ...
+
+
+class UnitOperation(Generic[T]):
+    """An operation applied in memory to a unit of work instead of on the connection.
+
+    ``apply`` validates (raising a :class:`SteplineError` before it changes
+    anything in the unit) and then applies the change to the unit.
+    """
+
+    unit_type: ClassVar[Any]  # has ``async load(conn, ops) -> Unit``
+
+    def apply(self, unit: Any) -> T:
+        raise NotImplementedError
+
+
+Operation = Callable[[asyncpg.Connection], Awaitable[T]] | UnitOperation[T]
 _Item = tuple[Operation[Any], "asyncio.Future[Any]"]
 
 
@@ -80,14 +106,13 @@ class GroupCommitter:
                 await self._pool.release(conn)
 
     async def _commit(self, conn: asyncpg.Connection, batch: list[_Item]) -> None:
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        outcomes: list[_Outcome] = []
         try:
-            async with conn.transaction():
-                for operation, future in batch:
-                    try:
-                        outcomes.append((future, await operation(conn), None))
-                    except SteplineError as exc:
-                        outcomes.append((future, None, exc))
+            if len(_same_unit(batch, 0)) == len(batch):
+                # Only unit operations: their one write statement is the transaction.
+                outcomes = await _apply_unit(conn, batch)
+            else:
+                outcomes = await self._apply_in_transaction(conn, batch)
         except asyncio.CancelledError:
             for _, future in batch:
                 if not future.done():
@@ -95,13 +120,20 @@ class GroupCommitter:
             raise
         except Exception as exc:
             if len(batch) > 1:
+                log.warning("batch of %d failed, retrying singly: %r", len(batch), exc)
                 for item in batch:
                     await self._commit(conn, [item])
                 return
-            log.exception("ledger write failed")
             future = batch[0][1]
+            if isinstance(exc, asyncpg.SerializationError):
+                # Another writer changed the run between read and write.
+                log.warning("ledger write conflicted: %s", exc)
+                failure: BaseException = Aborted(f"the run changed concurrently, retry: {exc}")
+            else:
+                log.exception("ledger write failed")
+                failure = exc
             if not future.done():
-                future.set_exception(exc)
+                future.set_exception(failure)
             return
         self.batches += 1
         self.operations += len(batch)
@@ -112,3 +144,56 @@ class GroupCommitter:
                 future.set_result(value)
             else:
                 future.set_exception(error)
+
+    async def _apply_in_transaction(
+        self, conn: asyncpg.Connection, batch: list[_Item]
+    ) -> list[_Outcome]:
+        outcomes: list[_Outcome] = []
+        async with conn.transaction():
+            index = 0
+            while index < len(batch):
+                operation, future = batch[index]
+                if isinstance(operation, UnitOperation):
+                    group = _same_unit(batch, index)
+                    outcomes.extend(await _apply_unit(conn, group))
+                    index += len(group)
+                    continue
+                try:
+                    outcomes.append((future, await operation(conn), None))
+                except SteplineError as exc:
+                    outcomes.append((future, None, exc))
+                index += 1
+        return outcomes
+
+
+_Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+def _same_unit(batch: Sequence[_Item], start: int) -> list[_Item]:
+    """The run of consecutive unit operations of one unit type from ``start``."""
+    first = batch[start][0]
+    if not isinstance(first, UnitOperation):
+        return []
+    group = [batch[start]]
+    for item in batch[start + 1 :]:
+        op = item[0]
+        if not isinstance(op, UnitOperation) or op.unit_type is not first.unit_type:
+            break
+        group.append(item)
+    return group
+
+
+async def _apply_unit(conn: asyncpg.Connection, group: list[_Item]) -> list[_Outcome]:
+    ops = [op for op, _ in group]
+    first = ops[0]
+    assert isinstance(first, UnitOperation)
+    unit: Unit = await first.unit_type.load(conn, ops)
+    outcomes: list[_Outcome] = []
+    for op, future in group:
+        assert isinstance(op, UnitOperation)
+        try:
+            outcomes.append((future, op.apply(unit), None))
+        except SteplineError as exc:
+            outcomes.append((future, None, exc))
+    await unit.flush(conn)
+    return outcomes

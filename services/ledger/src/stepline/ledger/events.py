@@ -88,50 +88,15 @@ class EventLog:
     ) -> None:
         """Write the queued events, their outbox rows, the run's last sequence and,
         given a request, its response for idempotent replays: one statement."""
-        events: list[dict[str, Any]] = []
-        outbox_ids: list[uuid.UUID] = []
-        subjects: list[str] = []
-        bodies: list[bytes] = []
-        times: list[datetime] = []
-        for item in self.pending:
-            record = item.record
-            envelope = events_pb2.Event(
-                event_id=record.event_id,
-                run_id=record.run_id,
-                sequence=record.sequence,
-                time=record.time,
-                actor=record.actor,
-                record=record,
-            )
-            if item.typed is not None:
-                name, message = item.typed
-                getattr(envelope, name).CopyFrom(message)
-            when = record.time.ToDatetime(tzinfo=UTC)
-            events.append(
-                {
-                    "sequence": record.sequence,
-                    "event_id": record.event_id,
-                    "type": int(record.type),
-                    "actor_id": record.actor.id,
-                    "actor_roles": list(record.actor.roles),
-                    "time": when.isoformat(),
-                    "task_id": record.task_id or None,
-                    "chunk_id": record.chunk_id or None,
-                    "payload": item.payload,
-                }
-            )
-            outbox_ids.append(uuid.UUID(record.event_id))
-            subjects.append(f"{_KIND.get(record.type, 'run')}.{record.run_id}")
-            bodies.append(envelope.SerializeToString())
-            times.append(when)
+        events, outbox = event_rows(self)
         await conn.execute(
             _FLUSH_SQL,
             self.run_id,
             events,
-            outbox_ids,
-            subjects,
-            bodies,
-            times,
+            [o[0] for o in outbox],
+            [o[2] for o in outbox],
+            [o[3] for o in outbox],
+            [o[4] for o in outbox],
             self.last_sequence,
             request.DESCRIPTOR.name if request is not None else None,
             getattr(request, "request_id", None),
@@ -139,6 +104,44 @@ class EventLog:
             response.SerializeToString() if response is not None else None,
         )
         self.pending.clear()
+
+
+def event_rows(log: EventLog) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The ``events`` rows (in table column order) and outbox rows (event_id, run_id,
+    subject, body, create_time) of the events queued in ``log``."""
+    events: list[tuple[Any, ...]] = []
+    outbox: list[tuple[Any, ...]] = []
+    for item in log.pending:
+        record = item.record
+        envelope = events_pb2.Event(
+            event_id=record.event_id,
+            run_id=record.run_id,
+            sequence=record.sequence,
+            time=record.time,
+            actor=record.actor,
+            record=record,
+        )
+        if item.typed is not None:
+            name, message = item.typed
+            getattr(envelope, name).CopyFrom(message)
+        when = record.time.ToDatetime(tzinfo=UTC)
+        events.append(
+            (
+                record.run_id,
+                record.sequence,
+                record.event_id,
+                int(record.type),
+                record.actor.id,
+                list(record.actor.roles),
+                when,
+                record.task_id or None,
+                record.chunk_id or None,
+                item.payload,
+            )
+        )
+        subject = f"{_KIND.get(record.type, 'run')}.{record.run_id}"
+        outbox.append((record.event_id, record.run_id, subject, envelope.SerializeToString(), when))
+    return events, outbox
 
 
 def fingerprint(request: Message) -> str:
@@ -153,12 +156,7 @@ _FLUSH_SQL = """
 WITH new_events AS (
     INSERT INTO events (run_id, sequence, event_id, type, actor_id, actor_roles, time,
                         task_id, chunk_id, payload)
-    SELECT $1, e.sequence, e.event_id, e.type, e.actor_id,
-           ARRAY(SELECT jsonb_array_elements_text(e.actor_roles)), e.time,
-           e.task_id, e.chunk_id, coalesce(e.payload, '{}')
-    FROM jsonb_to_recordset($2::jsonb) AS e(
-        sequence bigint, event_id uuid, type smallint, actor_id text, actor_roles jsonb,
-        time timestamptz, task_id text, chunk_id text, payload jsonb)
+    SELECT * FROM unnest($2::events[])
 ), new_outbox AS (
     INSERT INTO outbox (event_id, run_id, subject, body, create_time)
     SELECT o.event_id, $1, o.subject, o.body, o.create_time

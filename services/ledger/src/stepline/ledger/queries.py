@@ -14,7 +14,8 @@ from stepline.api.common.v1 import run_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.errors import InvalidArgument, NotFound
 from stepline.ledger import convert
-from stepline.ledger.store import read_run, require
+from stepline.ledger.checks import require
+from stepline.ledger.store import read_run
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500

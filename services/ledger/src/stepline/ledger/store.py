@@ -4,7 +4,8 @@ Every write is an operation run by the :class:`GroupCommitter` inside a shared
 transaction. An operation first replays an earlier response for its request id
 if there is one, then locks and reads what it changes, validates (raising
 before it writes anything), and only then writes the change, its events and
-its idempotency record.
+its idempotency record. Task and chunk transitions, the hot path, are applied
+in memory by a :class:`~stepline.ledger.unit.StepUnit` per batch instead.
 """
 
 from __future__ import annotations
@@ -23,80 +24,25 @@ from stepline.api.events.v1 import events_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from stepline.ledger import convert, states
+from stepline.ledger.checks import (
+    check_claim,
+    check_size,
+    earlier_response,
+    lease_seconds,
+    principal,
+    require,
+    require_failure,
+    validate_step_change,
+)
 from stepline.ledger.committer import GroupCommitter
-from stepline.ledger.events import EventLog, fingerprint
+from stepline.ledger.events import EventLog
+from stepline.ledger.unit import ChunkTransition, TaskTransition, failure_dict
 
 R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
 E = run_pb2.RunEventType
 C = run_pb2.ControlAction
 M = TypeVar("M", bound=Message)
-
-MAX_VALUE_BYTES = 1024 * 1024  # one output, input set or chunk record
-MAX_ID_LENGTH = 256
-
-
-# --- validation ------------------------------------------------------------------
-
-
-def require(value: str, name: str) -> str:
-    if not value:
-        raise InvalidArgument(f"{name} is required")
-    if len(value) > MAX_ID_LENGTH:
-        raise InvalidArgument(f"{name} is {len(value)} characters; the limit is {MAX_ID_LENGTH}")
-    return value
-
-
-def check_size(message: Message, name: str) -> None:
-    size = message.ByteSize()
-    if size > MAX_VALUE_BYTES:
-        raise InvalidArgument(f"{name} is {size} bytes; the limit is {MAX_VALUE_BYTES}")
-
-
-def require_failure(failure: common_pb2.Failure, state_name: str) -> None:
-    if failure.reason == common_pb2.FAILURE_REASON_UNSPECIFIED:
-        raise InvalidArgument(f"failure.reason is required for state {state_name}")
-
-
-def principal(actor: common_pb2.Principal, name: str = "actor") -> common_pb2.Principal:
-    require(actor.id, f"{name}.id")
-    return actor
-
-
-def lease_seconds(duration_s: float, *, default_s: float, max_s: float) -> float:
-    if duration_s < 0:
-        raise InvalidArgument("lease_duration must not be negative")
-    return min(duration_s or default_s, max_s)
-
-
-# --- idempotency -----------------------------------------------------------------
-
-
-async def replayed(conn: asyncpg.Connection, request: Message, response_type: type[M]) -> M | None:
-    """The stored response of an earlier identical request; ABORTED if it differed."""
-    method = request.DESCRIPTOR.name
-    request_id: str = request.request_id  # type: ignore[attr-defined]
-    row = await conn.fetchrow(
-        "SELECT fingerprint, response FROM requests WHERE method = $1 AND request_id = $2",
-        method,
-        request_id,
-    )
-    if row is None:
-        return None
-    return _earlier_response(request, row["fingerprint"], row["response"], response_type)
-
-
-def _earlier_response(
-    request: Message, stored_fingerprint: str, stored_response: bytes, response_type: type[M]
-) -> M:
-    """The stored response of a replayed request; ABORTED if the request differs."""
-    if stored_fingerprint != fingerprint(request):
-        raise Aborted(
-            f"request_id {request.request_id!r} was already used for a different "  # type: ignore[attr-defined]
-            f"{request.DESCRIPTOR.name}; use a new request_id for a new request"
-        )
-    return response_type.FromString(stored_response)
-
 
 # --- reads inside write transactions ---------------------------------------------
 
@@ -121,27 +67,23 @@ async def lock_run_replaying(
         raise NotFound(f"run {run_id!r} does not exist")
     if row["replay_response"] is None:
         return row, None
-    return row, _earlier_response(
+    return row, earlier_response(
         request, row["replay_fingerprint"], row["replay_response"], response_type
     )
 
 
-def check_claim(row: Mapping[str, Any], epoch: int, *, what: str) -> None:
-    """Fencing: ``epoch`` must be the current claim's, and the claim live."""
-    if epoch != row["claim_epoch"]:
-        raise FailedPrecondition(
-            f"stale epoch {epoch} for {what}: it is claimed under epoch {row['claim_epoch']}"
-        )
-    if row["claim_executor"] is None:
-        raise FailedPrecondition(f"the claim of {what} under epoch {epoch} was released")
-    if row["claim_expire"] <= row["now"]:
-        raise FailedPrecondition(f"the claim of {what} under epoch {epoch} has expired")
-
-
-def _failure_json(failure: common_pb2.Failure | None) -> dict[str, Any] | None:
-    if failure is None or failure.reason == common_pb2.FAILURE_REASON_UNSPECIFIED:
+async def replayed(conn: asyncpg.Connection, request: Message, response_type: type[M]) -> M | None:
+    """The stored response of an earlier identical request; ABORTED if it differed."""
+    method = request.DESCRIPTOR.name
+    request_id: str = request.request_id  # type: ignore[attr-defined]
+    row = await conn.fetchrow(
+        "SELECT fingerprint, response FROM requests WHERE method = $1 AND request_id = $2",
+        method,
+        request_id,
+    )
+    if row is None:
         return None
-    return convert.to_dict(failure)
+    return earlier_response(request, row["fingerprint"], row["response"], response_type)
 
 
 class LedgerStore:
@@ -441,48 +383,8 @@ class LedgerStore:
         require(request.run_id, "run_id")
         require(request.task_id, "task_id")
         principal(request.actor)
-        _validate_step_change(request.state, request.failure, request.output, request.attempt)
-
-        async def operation(conn: asyncpg.Connection) -> pb.TransitionTaskResponse:
-            run, earlier = await lock_run_replaying(conn, request, pb.TransitionTaskResponse)
-            if earlier is not None:
-                return earlier
-            check_claim(run, request.epoch, what=f"run {request.run_id}")
-            if run["state"] in states.RUN_TERMINAL:
-                raise FailedPrecondition(
-                    f"run {request.run_id} is {states.run_state_name(run['state'])}"
-                )
-            task = await conn.fetchrow(_LOCK_TASK_SQL, request.task_id, request.run_id)
-            if task is None:
-                raise NotFound(f"task {request.task_id!r} is not part of run {request.run_id}")
-            log = EventLog(request.run_id, run["last_sequence"])
-            sequence = await _apply_step_change(
-                conn,
-                log,
-                table="tasks",
-                row=task,
-                owner_id=request.task_id,
-                task_id=request.task_id,
-                chunk_id=None,
-                state=request.state,
-                attempt=request.attempt if request.HasField("attempt") else None,
-                output=request.output if request.HasField("output") else None,
-                failure=request.failure if request.HasField("failure") else None,
-                actor=request.actor,
-                executor_id=run["claim_executor"] or "",
-                epoch=request.epoch,
-                extra={
-                    "child_run_id": request.child_run_id or None,
-                    "approval_id": request.approval_id or None,
-                },
-            )
-            response = pb.TransitionTaskResponse(
-                task=await read_task(conn, request.task_id), event_sequence=sequence
-            )
-            await log.flush(conn, request=request, response=response)
-            return response
-
-        return await self.committer.submit(request.run_id, operation)
+        validate_step_change(request.state, request.failure, request.output, request.attempt)
+        return await self.committer.submit(request.run_id, TaskTransition(request))
 
     async def transition_chunk(
         self, request: pb.TransitionChunkRequest
@@ -491,54 +393,8 @@ class LedgerStore:
         require(request.run_id, "run_id")
         require(request.chunk_id, "chunk_id")
         principal(request.actor)
-        _validate_step_change(request.state, request.failure, request.output, request.attempt)
-
-        async def operation(conn: asyncpg.Connection) -> pb.TransitionChunkResponse:
-            run, earlier = await lock_run_replaying(conn, request, pb.TransitionChunkResponse)
-            if earlier is not None:
-                return earlier
-            chunk = await _lock_chunk(conn, request.run_id, request.chunk_id)
-            if request.use_run_claim:
-                check_claim(run, request.epoch, what=f"run {request.run_id}")
-                executor = run["claim_executor"] or ""
-            else:
-                check_claim(
-                    {**dict(chunk), "now": run["now"]},
-                    request.epoch,
-                    what=f"chunk {request.chunk_id}",
-                )
-                executor = chunk["claim_executor"] or ""
-            if run["state"] in states.RUN_TERMINAL:
-                raise FailedPrecondition(
-                    f"run {request.run_id} is {states.run_state_name(run['state'])}"
-                )
-            log = EventLog(request.run_id, run["last_sequence"])
-            sequence = await _apply_step_change(
-                conn,
-                log,
-                table="chunks",
-                row=chunk,
-                owner_id=request.chunk_id,
-                task_id=chunk["task_id"],
-                chunk_id=request.chunk_id,
-                state=request.state,
-                attempt=request.attempt if request.HasField("attempt") else None,
-                output=request.output if request.HasField("output") else None,
-                failure=request.failure if request.HasField("failure") else None,
-                actor=request.actor,
-                executor_id=executor,
-                epoch=request.epoch,
-                extra={},
-            )
-            response = pb.TransitionChunkResponse(
-                chunk=await read_chunk(conn, request.chunk_id),
-                counts=await read_chunk_counts(conn, chunk["task_id"]),
-                event_sequence=sequence,
-            )
-            await log.flush(conn, request=request, response=response)
-            return response
-
-        return await self.committer.submit(request.run_id, operation)
+        validate_step_change(request.state, request.failure, request.output, request.attempt)
+        return await self.committer.submit(request.run_id, ChunkTransition(request))
 
     # --- chunks, dispatch, control -------------------------------------------------
 
@@ -842,11 +698,6 @@ _LAST_ATTEMPT = (
     " end_time IS NULL AS last_attempt_open FROM attempts"
     " WHERE owner_id = {key} ORDER BY attempt_number DESC LIMIT 1) a ON true"
 )
-_LOCK_TASK_SQL = (
-    "SELECT t.*, a.* FROM tasks t"
-    + _LAST_ATTEMPT.format(key="t.task_id")
-    + " WHERE t.task_id = $1 AND t.run_id = $2 FOR UPDATE OF t"
-)
 _LOCK_CHUNK_SQL = (
     "SELECT c.*, a.* FROM chunks c"
     + _LAST_ATTEMPT.format(key="c.chunk_id")
@@ -880,21 +731,6 @@ async def _lock_chunk(conn: asyncpg.Connection, run_id: str, chunk_id: str) -> a
     if row is None:
         raise NotFound(f"chunk {chunk_id!r} is not part of run {run_id}")
     return row
-
-
-def _validate_step_change(
-    state: int,
-    failure: common_pb2.Failure,
-    output: Any,
-    attempt: pb.AttemptUpdate,
-) -> None:
-    if state == T.TASK_RUN_STATE_UNSPECIFIED or state not in T.values():
-        raise InvalidArgument("state must be a TaskRunState")
-    if state in states.NEEDS_FAILURE_TASK:
-        require_failure(failure, states.task_state_name(state))
-    check_size(output, "output")
-    if attempt.attempt_number < 0:
-        raise InvalidArgument("attempt.attempt_number must be positive")
 
 
 async def _apply_run_state(
@@ -931,7 +767,7 @@ async def _apply_run_state(
         run["run_id"],
         target,
         terminal,
-        _failure_json(failure),
+        failure_dict(failure),
         convert.to_dict(outputs) if outputs is not None else None,
     )
     return log.add(
@@ -940,7 +776,7 @@ async def _apply_run_state(
         payload={
             "from_state": states.run_state_name(current),
             "to_state": states.run_state_name(target),
-            "failure": _failure_json(failure),
+            "failure": failure_dict(failure),
             "reason": reason,
         },
         typed=(
@@ -1019,176 +855,6 @@ async def _end_open_steps(
                 "reason": "run_ended",
             },
         )
-
-
-async def _apply_step_change(
-    conn: asyncpg.Connection,
-    log: EventLog,
-    *,
-    table: str,
-    row: asyncpg.Record,
-    owner_id: str,
-    task_id: str,
-    chunk_id: str | None,
-    state: int,
-    attempt: pb.AttemptUpdate | None,
-    output: Any,
-    failure: common_pb2.Failure | None,
-    actor: common_pb2.Principal,
-    executor_id: str,
-    epoch: int,
-    extra: dict[str, Any],
-) -> int:
-    """Apply a task or chunk transition and the attempt it starts or ends."""
-    current = row["state"]
-    what = f"{'chunk' if chunk_id else 'task'} {owner_id}"
-    if not states.task_transition_allowed(current, state):
-        raise FailedPrecondition(
-            f"{what} cannot go from {states.task_state_name(current)} "
-            f"to {states.task_state_name(state)}"
-        )
-    last_number = row["last_attempt_number"] or 0
-    open_attempt = bool(row["last_attempt_open"])
-    # Attempts: explicit when given; otherwise implied by the state change.
-    start_number = 0
-    end_state = 0
-    reason = ""
-    if attempt is not None and attempt.attempt_number:
-        if attempt.state == T.TASK_RUN_STATE_RUNNING:
-            if open_attempt:
-                raise FailedPrecondition(f"attempt {last_number} of {what} is still open")
-            if attempt.attempt_number != last_number + 1:
-                raise FailedPrecondition(
-                    f"the next attempt of {what} is {last_number + 1}, not {attempt.attempt_number}"
-                )
-            start_number, reason = attempt.attempt_number, attempt.reason or "retry"
-        elif attempt.state in states.ATTEMPT_END:
-            if not open_attempt or attempt.attempt_number != last_number:
-                raise FailedPrecondition(
-                    f"attempt {attempt.attempt_number} of {what} is not the open attempt"
-                )
-            end_state = attempt.state
-        else:
-            raise InvalidArgument("attempt.state must be RUNNING or a terminal state")
-    elif current == T.TASK_RUN_STATE_PENDING and state == T.TASK_RUN_STATE_RUNNING:
-        start_number, reason = last_number + 1, "initial"
-    elif state in states.ATTEMPT_END and open_attempt:
-        end_state = state
-    if (
-        state == T.TASK_RUN_STATE_RUNNING
-        and current == T.TASK_RUN_STATE_PENDING
-        and not start_number
-    ):
-        raise FailedPrecondition(f"{what} starts RUNNING with a new attempt")
-    failure_json = _failure_json(failure)
-    attempt_failure = _failure_json(
-        attempt.failure if attempt is not None and attempt.HasField("failure") else failure
-    )
-    if end_state:
-        await conn.execute(
-            "UPDATE attempts SET state = $3, end_time = clock_timestamp(), failure = $4"
-            " WHERE owner_id = $1 AND attempt_number = $2",
-            owner_id,
-            last_number,
-            end_state,
-            attempt_failure if end_state != T.TASK_RUN_STATE_SUCCEEDED else None,
-        )
-        log.add(
-            E.RUN_EVENT_TYPE_ATTEMPT_RECORDED,
-            actor,
-            task_id=task_id,
-            chunk_id=chunk_id or "",
-            payload={
-                "attempt_number": last_number,
-                "state": states.task_state_name(end_state),
-                "failure": attempt_failure if end_state != T.TASK_RUN_STATE_SUCCEEDED else None,
-            },
-        )
-    if start_number:
-        await conn.execute(
-            "INSERT INTO attempts (owner_id, run_id, task_id, chunk_id, attempt_number, state,"
-            " reason, executor_id, claim_epoch, device_serial, device_lease_id)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            owner_id,
-            log.run_id,
-            task_id,
-            chunk_id,
-            start_number,
-            T.TASK_RUN_STATE_RUNNING,
-            reason,
-            executor_id,
-            epoch,
-            attempt.device_serial if attempt is not None else "",
-            attempt.device_lease_id if attempt is not None else "",
-        )
-        log.add(
-            E.RUN_EVENT_TYPE_ATTEMPT_RECORDED,
-            actor,
-            task_id=task_id,
-            chunk_id=chunk_id or "",
-            payload={"attempt_number": start_number, "state": "RUNNING", "reason": reason},
-        )
-    terminal = state in states.TASK_TERMINAL
-    key = "chunk_id" if table == "chunks" else "task_id"
-    extra_sets = "".join(
-        f", {column} = coalesce(${6 + i}, {column})" for i, column in enumerate(extra)
-    )
-    await conn.execute(
-        f"UPDATE {table} SET state = $2::smallint,"
-        " start_time = CASE WHEN $2::smallint = 2 THEN coalesce(start_time, clock_timestamp())"
-        "   ELSE start_time END,"
-        " end_time = CASE WHEN $3 THEN clock_timestamp() ELSE end_time END,"
-        " output = coalesce($4, output), failure = coalesce($5, failure)"
-        f"{extra_sets} WHERE {key} = $1",
-        owner_id,
-        state,
-        terminal,
-        convert.to_dict(output) if output is not None else None,
-        failure_json,
-        *extra.values(),
-    )
-    if state == current:
-        return log.last_sequence
-    number = start_number or last_number
-    typed: tuple[str, Message]
-    if chunk_id:
-        typed = (
-            "chunk_state_changed",
-            events_pb2.ChunkStateChanged(
-                task_id=task_id,
-                chunk_id=chunk_id,
-                index=row["index"],
-                from_state=current,
-                to_state=state,  # type: ignore[arg-type]
-                attempt_number=number,
-                failure=failure,
-            ),
-        )
-    else:
-        typed = (
-            "task_state_changed",
-            events_pb2.TaskStateChanged(
-                task_id=task_id,
-                step_id=row["step_id"],
-                from_state=current,
-                to_state=state,  # type: ignore[arg-type]
-                attempt_number=number,
-                failure=failure,
-            ),
-        )
-    return log.add(
-        E.RUN_EVENT_TYPE_CHUNK_STATE_CHANGED if chunk_id else E.RUN_EVENT_TYPE_TASK_STATE_CHANGED,
-        actor,
-        task_id=task_id,
-        chunk_id=chunk_id or "",
-        payload={
-            "from_state": states.task_state_name(current),
-            "to_state": states.task_state_name(state),
-            "attempt_number": number,
-            "failure": failure_json,
-        },
-        typed=typed,
-    )
 
 
 # --- reads used by writes and queries ----------------------------------------------

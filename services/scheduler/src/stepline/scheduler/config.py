@@ -16,12 +16,25 @@ from stepline.common.config import (
 
 @dataclass(frozen=True, kw_only=True)
 class SchedulerSettings:
+    """What the scheduler needs; an interval of 0 turns its background loop off.
+
+    ``tick_interval_s``: how often the cron ticker looks for due schedules.
+    ``reconcile_interval_s``: how often the reconciler asks the ledger for
+    orphaned runs. ``orphan_grace_s``: how long a dispatched run may go
+    unclaimed before it is dispatched again (also the pause between two
+    redispatches of one run by this replica).
+    """
+
     server: ServerSettings
     client: ClientSettings
     database_url: str
     nats: NatsSettings
     ledger_addr: str
     schema: str = "scheduler"
+    tick_interval_s: float = 1.0
+    reconcile_interval_s: float = 10.0
+    orphan_grace_s: float = 30.0
+    watch_poll_s: float = 5.0
 
     @classmethod
     def from_env(cls, env: Env) -> SchedulerSettings:
@@ -31,4 +44,8 @@ class SchedulerSettings:
             database_url=database_url(env),
             nats=NatsSettings.from_env(env),
             ledger_addr=service_address(env, "LEDGER_ADDR"),
+            tick_interval_s=env.number("SCHEDULER_TICK_INTERVAL_S", 1.0),
+            reconcile_interval_s=env.number("SCHEDULER_RECONCILE_INTERVAL_S", 10.0),
+            orphan_grace_s=env.number("SCHEDULER_ORPHAN_GRACE_S", 30.0, minimum=0.001),
+            watch_poll_s=env.number("SCHEDULER_WATCH_POLL_S", 5.0, minimum=0.01),
         )

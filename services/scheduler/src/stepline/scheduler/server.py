@@ -1,14 +1,23 @@
-"""The scheduler's gRPC server: the API layer for definitions, triggers and run control.
+"""The scheduler's gRPC server: definitions, triggers and run control.
 
-This first cut connects its PostgreSQL schema, JetStream and a channel to the
-ledger, and serves ``WorkflowService`` and ``SchedulerService`` with health and
-reflection; the RPCs arrive with the run-execution work.
+It serves ``WorkflowService`` and ``SchedulerService`` and runs two loops
+beside them, both safe in every replica at once: the cron ticker (schedules
+claimed in PostgreSQL, see :mod:`stepline.scheduler.schedules`) and the
+reconciler (redispatch of orphaned runs, see :mod:`stepline.scheduler.reconciler`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
+import asyncpg
+from nats.aio.client import Client as NATS
+
+from stepline.api.ledger.v1 import ledger_pb2_grpc
 from stepline.api.scheduler.v1 import (
     scheduler_service_pb2,
     scheduler_service_pb2_grpc,
@@ -17,33 +26,105 @@ from stepline.api.scheduler.v1 import (
 )
 from stepline.common import jetstream
 from stepline.common.client import open_channel
-from stepline.common.db import create_pool
-from stepline.common.server import GrpcHost, serve_until_stopped
+from stepline.common.db import create_pool, load_migrations
+from stepline.common.server import GrpcHost, serving, wait_until_stopped
 from stepline.scheduler.config import SchedulerSettings
+from stepline.scheduler.reconciler import Reconciler
+from stepline.scheduler.scheduler_service import Jobs, Runs, SchedulerServicer
+from stepline.scheduler.schedules import Clock, ScheduleStore, Ticker, wall_clock
+from stepline.scheduler.watch import RunWatcher
+from stepline.scheduler.workflow_service import WorkflowServicer
+from stepline.scheduler.workflows import WorkflowStore
+
+log = logging.getLogger(__name__)
 
 SCHEDULER_SERVICE = scheduler_service_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 WORKFLOW_SERVICE = workflow_service_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name
 
 
-class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
-    """``SchedulerService``; RPCs not written yet answer UNIMPLEMENTED."""
+@dataclass(frozen=True)
+class Scheduler:
+    """The scheduler's parts, connected: what the server and its loops share."""
+
+    pool: asyncpg.Pool
+    nc: NATS
+    workflows: WorkflowStore
+    runs: Runs
+    schedules: ScheduleStore
+    watcher: RunWatcher
 
 
-class WorkflowServicer(workflow_service_pb2_grpc.WorkflowServiceServicer):
-    """``WorkflowService``; RPCs not written yet answer UNIMPLEMENTED."""
-
-
-async def serve(settings: SchedulerSettings) -> None:
+@contextlib.asynccontextmanager
+async def connected(
+    settings: SchedulerSettings, *, clock: Clock = wall_clock
+) -> AsyncIterator[Scheduler]:
+    """Pool (migrated), NATS with the streams, the ledger channel, and the stores."""
     async with contextlib.AsyncExitStack() as stack:
-        pool = await create_pool(settings.database_url, schema=settings.schema, migrations=[])
+        pool = await create_pool(
+            settings.database_url,
+            schema=settings.schema,
+            migrations=load_migrations("stepline.scheduler"),
+        )
         stack.push_async_callback(pool.close)
         nc = await jetstream.connect(settings.nats.url, name="stepline-scheduler")
         stack.push_async_callback(nc.drain)
-        await jetstream.ensure_streams(nc.jetstream(), settings.nats.streams)
-        ledger = open_channel(settings.ledger_addr, settings=settings.client)
-        stack.push_async_callback(ledger.close)
-        workflow_servicer = WorkflowServicer()  # type: ignore[abstract]  # RPCs arrive with their issue
-        scheduler_servicer = SchedulerServicer()  # type: ignore[abstract]  # RPCs arrive with their issue
+        js = nc.jetstream()
+        await jetstream.ensure_streams(js, settings.nats.streams)
+        channel = open_channel(settings.ledger_addr, settings=settings.client)
+        stack.push_async_callback(channel.close)
+        ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+        workflows = WorkflowStore(pool)
+        runs = Runs(workflows=workflows, ledger=ledger, jobs=Jobs(js, settings.nats.streams))
+        yield Scheduler(
+            pool=pool,
+            nc=nc,
+            workflows=workflows,
+            runs=runs,
+            schedules=ScheduleStore(pool, runs, clock=clock),
+            watcher=RunWatcher(
+                ledger=ledger, nc=nc, streams=settings.nats.streams, poll_s=settings.watch_poll_s
+            ),
+        )
+
+
+async def every(interval_s: float, step: Callable[[], Awaitable[object]], name: str) -> None:
+    """Run ``step`` every ``interval_s`` until cancelled; a failed pass is logged."""
+    while True:
+        try:
+            await step()
+        except Exception:
+            log.exception("%s: pass failed; next in %ss", name, interval_s)
+        await asyncio.sleep(interval_s)
+
+
+@contextlib.asynccontextmanager
+async def background(
+    loops: list[tuple[str, float, Callable[[], Awaitable[object]]]],
+) -> AsyncIterator[None]:
+    """Run the loops whose interval is positive while the block runs."""
+    tasks = [
+        asyncio.create_task(every(interval, step, name), name=name)
+        for name, interval, step in loops
+        if interval > 0
+    ]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@contextlib.asynccontextmanager
+async def running(settings: SchedulerSettings) -> AsyncIterator[GrpcHost]:
+    """The scheduler serving, with its ticker and reconciler, until the block exits."""
+    async with connected(settings) as parts:
+        servicer = SchedulerServicer(
+            runs=parts.runs, schedules=parts.schedules, watcher=parts.watcher
+        )
+        workflow_servicer = WorkflowServicer(parts.workflows)
         host = GrpcHost(settings=settings.server)
         host.add(
             WORKFLOW_SERVICE,
@@ -54,7 +135,19 @@ async def serve(settings: SchedulerSettings) -> None:
         host.add(
             SCHEDULER_SERVICE,
             lambda server: scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(
-                scheduler_servicer, server
+                servicer, server
             ),
         )
-        await serve_until_stopped(host)
+        ticker = Ticker(parts.schedules)
+        reconciler = Reconciler(parts.runs, grace_s=settings.orphan_grace_s)
+        loops: list[tuple[str, float, Callable[[], Awaitable[object]]]] = [
+            ("scheduler-cron-ticker", settings.tick_interval_s, ticker.tick),
+            ("scheduler-reconciler", settings.reconcile_interval_s, reconciler.reconcile),
+        ]
+        async with serving(host), background(loops):
+            yield host
+
+
+async def serve(settings: SchedulerSettings) -> None:
+    async with running(settings) as host:
+        await wait_until_stopped(host)

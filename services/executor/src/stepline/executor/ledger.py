@@ -1,0 +1,256 @@
+"""A thin client over ``LedgerService`` for the executor.
+
+:class:`Ledger` makes the calls; :class:`Fence` carries one claim (a run's or a
+chunk's) and writes under it. Every write's request id is derived from what is
+being done (claim epoch, task or chunk, attempt, state), so an RPC retried after
+a lost response replays instead of applying twice. Transient failures
+(UNAVAILABLE, DEADLINE_EXCEEDED) are retried a few times for that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import struct_pb2
+from google.protobuf.duration_pb2 import Duration
+
+from stepline.api.common.v1 import common_pb2, run_pb2
+from stepline.api.ledger.v1 import ledger_pb2 as pb
+from stepline.api.ledger.v1 import ledger_pb2_grpc
+from stepline.common.errors import from_rpc_error
+
+log = logging.getLogger(__name__)
+
+T = common_pb2.TaskRunState
+R = common_pb2.WorkflowRunState
+Resp = TypeVar("Resp")
+
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_RETRIES = 4
+
+
+def struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct:
+    result = struct_pb2.Struct()
+    if value:
+        result.update(dict(value))
+    return result
+
+
+def failure(reason: int, message: str) -> common_pb2.Failure:
+    return common_pb2.Failure(reason=reason, message=message)  # type: ignore[arg-type]
+
+
+def duration(seconds: float) -> Duration:
+    result = Duration()
+    result.FromNanoseconds(int(seconds * 1e9))
+    return result
+
+
+class Ledger:
+    """Calls to the ledger, with errors turned into Stepline's own."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, executor_id: str) -> None:
+        self.stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        self.executor_id = executor_id
+        self.actor = common_pb2.Principal(id=executor_id, roles=["service"])
+
+    async def call(self, method: Callable[[Any], Awaitable[Resp]], request: Any) -> Resp:
+        for attempt in range(_RETRIES):
+            try:
+                return await method(request)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in _TRANSIENT and attempt + 1 < _RETRIES:
+                    log.warning("ledger call failed (%s), retrying", exc.code().name)
+                    await asyncio.sleep(0.2 * 2**attempt)
+                    continue
+                raise from_rpc_error(exc) from None
+        raise AssertionError("unreachable")
+
+    async def claim(
+        self,
+        *,
+        request_id: str,
+        run_id: str,
+        lease_s: float,
+        dispatch_epoch: int = 0,
+        chunk_id: str = "",
+    ) -> pb.ClaimRunResponse:
+        return await self.call(
+            self.stub.ClaimRun,
+            pb.ClaimRunRequest(
+                request_id=request_id,
+                run_id=run_id,
+                chunk_id=chunk_id,
+                executor_id=self.executor_id,
+                lease_duration=duration(lease_s),
+                dispatch_epoch=dispatch_epoch,
+            ),
+        )
+
+    async def get_run(self, run_id: str, view: int = run_pb2.RUN_VIEW_BASIC) -> run_pb2.WorkflowRun:
+        response = await self.call(
+            self.stub.GetRun,
+            pb.GetRunRequest(run_id=run_id, view=view),  # type: ignore[arg-type]
+        )
+        return response.run
+
+    async def list_chunks(self, run_id: str, task_id: str) -> list[run_pb2.ChunkRun]:
+        chunks: list[run_pb2.ChunkRun] = []
+        token = ""
+        while True:
+            page = await self.call(
+                self.stub.ListChunks,
+                pb.ListChunksRequest(run_id=run_id, task_id=task_id, page_token=token),
+            )
+            chunks.extend(page.chunks)
+            token = page.next_page_token
+            if not token:
+                return chunks
+
+    async def create_run(self, request: pb.CreateRunRequest) -> pb.CreateRunResponse:
+        return await self.call(self.stub.CreateRun, request)
+
+    def fence(self, claim: pb.ClaimRunResponse, *, chunk_id: str = "") -> Fence:
+        return Fence(self, run_id=claim.run.run_id, epoch=claim.claim.epoch, chunk_id=chunk_id)
+
+
+class Fence:
+    """Writes under one claim: a run's, or (with ``chunk_id``) one chunk's."""
+
+    def __init__(self, ledger: Ledger, *, run_id: str, epoch: int, chunk_id: str = "") -> None:
+        self.ledger = ledger
+        self.run_id = run_id
+        self.epoch = epoch
+        self.chunk_id = chunk_id
+        self.actor = ledger.actor
+
+    def _id(self, *parts: object) -> str:
+        return ":".join(str(p) for p in (self.run_id, self.chunk_id, self.epoch, *parts))
+
+    async def renew(self, lease_s: float, sequence: int) -> pb.RenewClaimResponse:
+        return await self.ledger.call(
+            self.ledger.stub.RenewClaim,
+            pb.RenewClaimRequest(
+                request_id=self._id("renew", sequence),
+                run_id=self.run_id,
+                chunk_id=self.chunk_id,
+                executor_id=self.ledger.executor_id,
+                epoch=self.epoch,
+                lease_duration=duration(lease_s),
+            ),
+        )
+
+    async def release(self, reason: str) -> None:
+        await self.ledger.call(
+            self.ledger.stub.ReleaseClaim,
+            pb.ReleaseClaimRequest(
+                request_id=self._id("release"),
+                run_id=self.run_id,
+                chunk_id=self.chunk_id,
+                executor_id=self.ledger.executor_id,
+                epoch=self.epoch,
+                reason=reason,
+            ),
+        )
+
+    async def transition_run(
+        self,
+        state: int,
+        *,
+        failure: common_pb2.Failure | None = None,
+        outputs: Mapping[str, Any] | None = None,
+        reason: str = "",
+    ) -> run_pb2.WorkflowRun:
+        request = pb.TransitionRunRequest(
+            request_id=self._id("run", R.Name(state)),  # type: ignore[arg-type]
+            run_id=self.run_id,
+            epoch=self.epoch,
+            actor=self.actor,
+            state=state,  # type: ignore[arg-type]
+            failure=failure,
+            reason=reason,
+        )
+        if outputs is not None:
+            request.outputs.CopyFrom(struct(outputs))
+        response = await self.ledger.call(self.ledger.stub.TransitionRun, request)
+        return response.run
+
+    async def transition_step(
+        self,
+        owner_id: str,
+        state: int,
+        *,
+        attempt: pb.AttemptUpdate | None = None,
+        output: Mapping[str, Any] | None = None,
+        failure: common_pb2.Failure | None = None,
+        child_run_id: str = "",
+        chunk: bool = False,
+    ) -> None:
+        """Change a task (or, with ``chunk``, a chunk) and/or record an attempt."""
+        marker = f"a{attempt.attempt_number}{T.Name(attempt.state)}" if attempt is not None else ""
+        request_id = self._id(owner_id, T.Name(state), marker, "child" if child_run_id else "")  # type: ignore[arg-type]
+        common: dict[str, Any] = {
+            "request_id": request_id,
+            "run_id": self.run_id,
+            "epoch": self.epoch,
+            "actor": self.actor,
+            "state": state,
+            "attempt": attempt,
+            "failure": failure,
+        }
+        if output is not None:
+            common["output"] = struct(output)
+        if chunk:
+            await self.ledger.call(
+                self.ledger.stub.TransitionChunk,
+                pb.TransitionChunkRequest(
+                    chunk_id=owner_id, use_run_claim=not self.chunk_id, **common
+                ),
+            )
+        else:
+            await self.ledger.call(
+                self.ledger.stub.TransitionTask,
+                pb.TransitionTaskRequest(task_id=owner_id, child_run_id=child_run_id, **common),
+            )
+
+    async def create_chunks(
+        self, task_id: str, records: list[Mapping[str, Any]], *, batch: int = 500
+    ) -> None:
+        first = 0
+        while True:
+            part = records[first : first + batch]
+            last = first + batch >= len(records)
+            await self.ledger.call(
+                self.ledger.stub.CreateChunks,
+                pb.CreateChunksRequest(
+                    request_id=self._id(task_id, "chunks", first),
+                    run_id=self.run_id,
+                    task_id=task_id,
+                    epoch=self.epoch,
+                    actor=self.actor,
+                    first_index=first,
+                    records=[struct(r) for r in part],
+                    last_batch=last,
+                ),
+            )
+            if last:
+                return
+            first += batch
+
+    async def record_dispatch(self, chunk_id: str, expected: int) -> int:
+        response = await self.ledger.call(
+            self.ledger.stub.RecordDispatch,
+            pb.RecordDispatchRequest(
+                request_id=f"dispatch:{chunk_id}:{expected}",
+                run_id=self.run_id,
+                chunk_id=chunk_id,
+                expected_dispatch_epoch=expected,
+                actor=self.actor,
+                reason="chunk_dispatch",
+            ),
+        )
+        return response.dispatch_epoch

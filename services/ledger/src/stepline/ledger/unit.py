@@ -1,0 +1,583 @@
+"""Task and chunk transitions applied as one unit of work per commit.
+
+Executors moving tasks and chunks through their state machines are the
+ledger's hot path. Rather than several statements per transition, the group
+committer hands each batch of such transitions to a :class:`StepUnit`:
+
+1. one statement locks and reads every row the batch touches (runs, tasks,
+   chunks, their attempts, stored responses of replayed request ids, chunk
+   counts);
+2. each transition is validated and applied to those rows in memory, in
+   order, so later transitions of the batch see earlier ones; a transition
+   that fails validation raises before it changes anything;
+3. one statement writes every changed row, the new attempts, the events, their
+   outbox rows and the idempotency records.
+
+The rows are read without locks: within one ledger process the committer
+already applies a run's writes one batch at a time. Against another writer (a
+second ledger replica) the write is guarded: it applies only where each run's
+``last_sequence`` is still the one read, and otherwise aborts as a whole with
+``serialization_failure`` (every change to a run appends to its event log).
+A batch of N transitions costs two round trips, the write being its own
+transaction, instead of several per transition. Times are the database clock read at load
+plus the elapsed monotonic time, so they stay on the same clock as the rest of
+the ledger's timestamps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, ClassVar
+
+import asyncpg
+from google.protobuf.message import Message
+
+from stepline.api.common.v1 import common_pb2, run_pb2, workflow_pb2
+from stepline.api.events.v1 import events_pb2
+from stepline.api.ledger.v1 import ledger_pb2 as pb
+from stepline.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from stepline.ledger import convert, states
+from stepline.ledger.checks import check_claim, earlier_response
+from stepline.ledger.committer import UnitOperation
+from stepline.ledger.events import EventLog, event_rows, fingerprint
+
+T = common_pb2.TaskRunState
+E = run_pb2.RunEventType
+Row = dict[str, Any]
+
+# Column order of the tables written as composite rows (checked by a test).
+ATTEMPT_COLUMNS = (
+    "owner_id",
+    "run_id",
+    "task_id",
+    "chunk_id",
+    "attempt_number",
+    "state",
+    "start_time",
+    "end_time",
+    "failure",
+    "reason",
+    "executor_id",
+    "claim_epoch",
+    "device_serial",
+    "device_lease_id",
+)
+
+
+class StepUnit:
+    """The rows one batch of step transitions reads and writes."""
+
+    def __init__(self, record: asyncpg.Record) -> None:
+        self._db_now: datetime = record["now"]
+        self._mono = time.monotonic()
+        self.runs: dict[str, Row] = {r["run_id"]: dict(r) for r in record["runs"] or ()}
+        self.tasks: dict[str, Row] = {t["task_id"]: dict(t) for t in record["tasks"] or ()}
+        self.chunks: dict[str, Row] = {c["chunk_id"]: dict(c) for c in record["chunks"] or ()}
+        self.attempts: dict[str, list[Row]] = {}
+        for a in record["attempts"] or ():
+            self.attempts.setdefault(a["owner_id"], []).append(dict(a))
+        self.replays: dict[tuple[str, str], tuple[str, bytes]] = {
+            (q["method"], q["request_id"]): (q["fingerprint"], q["response"])
+            for q in record["replays"] or ()
+        }
+        self.counts: dict[str, Counter[int]] = {}
+        self.complete: dict[str, bool] = {}
+        for c in record["counts"] or ():
+            self.counts.setdefault(c["task_id"], Counter())[c["state"]] += c["n"]
+            self.complete[c["task_id"]] = c["complete"]
+        self._read_sequence = {run_id: r["last_sequence"] for run_id, r in self.runs.items()}
+        self._dirty_runs: set[str] = set()
+        self._dirty_tasks: set[str] = set()
+        self._dirty_chunks: set[str] = set()
+        self._dirty_attempts: set[tuple[str, int]] = set()
+        self._logs: list[EventLog] = []
+        self._requests: list[tuple[str, str, str, bytes]] = []
+
+    # --- loading and writing -------------------------------------------------------
+
+    @classmethod
+    async def load(cls, conn: asyncpg.Connection, ops: Sequence[UnitOperation[Any]]) -> StepUnit:
+        run_ids: set[str] = set()
+        task_ids: set[str] = set()
+        chunk_ids: set[str] = set()
+        methods: list[str] = []
+        request_ids: list[str] = []
+        for op in ops:
+            assert isinstance(op, _StepTransition)
+            run_ids.add(op.run_id)
+            (chunk_ids if op.table == "chunks" else task_ids).add(op.owner_id)
+            methods.append(op.request.DESCRIPTOR.name)
+            request_ids.append(op.request.request_id)
+        record = await conn.fetchrow(
+            _LOAD_SQL,
+            sorted(run_ids),
+            sorted(task_ids),
+            sorted(chunk_ids),
+            methods,
+            request_ids,
+        )
+        return cls(record)
+
+    async def flush(self, conn: asyncpg.Connection) -> None:
+        if not self._dirty_runs:
+            return
+        events: list[tuple[Any, ...]] = []
+        outbox: list[tuple[Any, ...]] = []
+        for log in self._logs:
+            log_events, log_outbox = event_rows(log)
+            events.extend(log_events)
+            outbox.extend(log_outbox)
+        runs = [self.runs[run_id] for run_id in sorted(self._dirty_runs)]
+        await conn.execute(
+            _FLUSH_SQL,
+            [r["run_id"] for r in runs],
+            [r["last_sequence"] for r in runs],
+            [r["update_time"] for r in runs],
+            [tuple(self.tasks[k].values()) for k in sorted(self._dirty_tasks)],
+            [tuple(self.chunks[k].values()) for k in sorted(self._dirty_chunks)],
+            [
+                tuple(a[column] for column in ATTEMPT_COLUMNS)
+                for owner, number in sorted(self._dirty_attempts)
+                for a in self.attempts[owner]
+                if a["attempt_number"] == number
+            ],
+            events,
+            [o[0] for o in outbox],
+            [o[1] for o in outbox],
+            [o[2] for o in outbox],
+            [o[3] for o in outbox],
+            [o[4] for o in outbox],
+            [q[0] for q in self._requests],
+            [q[1] for q in self._requests],
+            [q[2] for q in self._requests],
+            [q[3] for q in self._requests],
+            [self._read_sequence[r["run_id"]] for r in runs],
+        )
+
+    # --- in-memory view ------------------------------------------------------------
+
+    def now(self) -> datetime:
+        return self._db_now + timedelta(seconds=time.monotonic() - self._mono)
+
+    def run(self, run_id: str) -> Row:
+        run = self.runs.get(run_id)
+        if run is None:
+            raise NotFound(f"run {run_id!r} does not exist")
+        return run
+
+    def replayed(self, request: Message, response_type: type[Message]) -> Any:
+        """The stored response of an earlier identical request; ABORTED if it differed."""
+        key = (request.DESCRIPTOR.name, request.request_id)  # type: ignore[attr-defined]
+        stored = self.replays.get(key)
+        if stored is None:
+            return None
+        return earlier_response(request, stored[0], stored[1], response_type)
+
+    def chunk_counts(self, task_id: str) -> run_pb2.ChunkCounts:
+        rows = [{"state": s, "n": n} for s, n in self.counts.get(task_id, Counter()).items()]
+        return convert.chunk_counts(rows, complete=self.complete.get(task_id, False))
+
+    def commit(self, log: EventLog, request: Message, response: Message) -> None:
+        """Record an applied transition: its events, the run's sequence, its response."""
+        run = self.runs[log.run_id]
+        if log.last_sequence > run["last_sequence"]:
+            run["last_sequence"] = log.last_sequence
+            run["update_time"] = self.now()
+        self._dirty_runs.add(log.run_id)  # written back under the guard, changed or not
+        self._logs.append(log)
+        body = response.SerializeToString()
+        method = request.DESCRIPTOR.name
+        request_id: str = request.request_id  # type: ignore[attr-defined]
+        fp = fingerprint(request)
+        self.replays[(method, request_id)] = (fp, body)
+        self._requests.append((method, request_id, fp, body))
+
+    # --- the step state machine ----------------------------------------------------
+
+    def apply_step_change(
+        self,
+        log: EventLog,
+        *,
+        owner: Row,
+        chunk_id: str | None,
+        state: int,
+        attempt: pb.AttemptUpdate | None,
+        output: Any,
+        failure: common_pb2.Failure | None,
+        actor: common_pb2.Principal,
+        executor_id: str,
+        epoch: int,
+        extra: dict[str, Any],
+    ) -> int:
+        """Validate, then apply, a task or chunk transition and the attempt it starts or
+        ends; returns the event sequence. Raises before changing anything."""
+        owner_id = chunk_id or owner["task_id"]
+        attempts = self.attempts.setdefault(owner_id, [])
+        plan = plan_step_change(
+            owner["state"],
+            attempts[-1] if attempts else None,
+            state=state,
+            attempt=attempt,
+            failure=failure,
+            what=f"{'chunk' if chunk_id else 'task'} {owner_id}",
+        )
+        # Validated: from here on nothing raises.
+        current = owner["state"]
+        now = self.now()
+        task_id = owner["task_id"]
+        if plan.end_state:
+            last = attempts[-1]
+            last.update(
+                state=plan.end_state,
+                end_time=now,
+                failure=plan.attempt_failure
+                if plan.end_state != T.TASK_RUN_STATE_SUCCEEDED
+                else None,
+            )
+            self._dirty_attempts.add((owner_id, last["attempt_number"]))
+            log.add(
+                E.RUN_EVENT_TYPE_ATTEMPT_RECORDED,
+                actor,
+                task_id=task_id,
+                chunk_id=chunk_id or "",
+                payload={
+                    "attempt_number": last["attempt_number"],
+                    "state": states.task_state_name(plan.end_state),
+                    "failure": last["failure"],
+                },
+            )
+        if plan.start_number:
+            attempts.append(
+                {
+                    "owner_id": owner_id,
+                    "run_id": log.run_id,
+                    "task_id": task_id,
+                    "chunk_id": chunk_id,
+                    "attempt_number": plan.start_number,
+                    "state": T.TASK_RUN_STATE_RUNNING,
+                    "start_time": now,
+                    "end_time": None,
+                    "failure": None,
+                    "reason": plan.reason,
+                    "executor_id": executor_id,
+                    "claim_epoch": epoch,
+                    "device_serial": attempt.device_serial if attempt is not None else "",
+                    "device_lease_id": attempt.device_lease_id if attempt is not None else "",
+                }
+            )
+            self._dirty_attempts.add((owner_id, plan.start_number))
+            log.add(
+                E.RUN_EVENT_TYPE_ATTEMPT_RECORDED,
+                actor,
+                task_id=task_id,
+                chunk_id=chunk_id or "",
+                payload={
+                    "attempt_number": plan.start_number,
+                    "state": "RUNNING",
+                    "reason": plan.reason,
+                },
+            )
+        failure_json = failure_dict(failure)
+        owner["state"] = state
+        if state == T.TASK_RUN_STATE_RUNNING and owner["start_time"] is None:
+            owner["start_time"] = now
+        if state in states.TASK_TERMINAL:
+            owner["end_time"] = now
+        if output is not None:
+            owner["output"] = convert.to_dict(output)
+        if failure_json is not None:
+            owner["failure"] = failure_json
+        for column, value in extra.items():
+            if value is not None:
+                owner[column] = value
+        if chunk_id:
+            self._dirty_chunks.add(chunk_id)
+            counts = self.counts.get(task_id)
+            if counts is not None and state != current:
+                counts[current] -= 1
+                counts[state] += 1
+        else:
+            self._dirty_tasks.add(task_id)
+        if state == current:
+            return log.last_sequence
+        number = plan.start_number or (attempts[-1]["attempt_number"] if attempts else 0)
+        typed: tuple[str, Message]
+        if chunk_id:
+            typed = (
+                "chunk_state_changed",
+                events_pb2.ChunkStateChanged(
+                    task_id=task_id,
+                    chunk_id=chunk_id,
+                    index=owner["index"],
+                    from_state=current,
+                    to_state=state,  # type: ignore[arg-type]
+                    attempt_number=number,
+                    failure=failure,
+                ),
+            )
+        else:
+            typed = (
+                "task_state_changed",
+                events_pb2.TaskStateChanged(
+                    task_id=task_id,
+                    step_id=owner["step_id"],
+                    from_state=current,
+                    to_state=state,  # type: ignore[arg-type]
+                    attempt_number=number,
+                    failure=failure,
+                ),
+            )
+        return log.add(
+            E.RUN_EVENT_TYPE_CHUNK_STATE_CHANGED
+            if chunk_id
+            else E.RUN_EVENT_TYPE_TASK_STATE_CHANGED,
+            actor,
+            task_id=task_id,
+            chunk_id=chunk_id or "",
+            payload={
+                "from_state": states.task_state_name(current),
+                "to_state": states.task_state_name(state),
+                "attempt_number": number,
+                "failure": failure_json,
+            },
+            typed=typed,
+        )
+
+
+def failure_dict(failure: common_pb2.Failure | None) -> dict[str, Any] | None:
+    if failure is None or failure.reason == common_pb2.FAILURE_REASON_UNSPECIFIED:
+        return None
+    return convert.to_dict(failure)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What a valid task or chunk transition does to its attempts."""
+
+    start_number: int = 0  # the attempt it starts (0: none)
+    end_state: int = 0  # the state the open attempt ends in (0: it stays open)
+    reason: str = ""  # why the new attempt starts
+    attempt_failure: dict[str, Any] | None = None
+
+
+def plan_step_change(
+    current: int,
+    last_attempt: Row | None,
+    *,
+    state: int,
+    attempt: pb.AttemptUpdate | None,
+    failure: common_pb2.Failure | None,
+    what: str,
+) -> StepPlan:
+    """Validate a transition from ``current`` to ``state`` (FAILED_PRECONDITION when
+    the state machine or the attempt numbering forbids it) and say what it does to
+    the attempts: explicit when ``attempt`` is given, otherwise implied."""
+    if not states.task_transition_allowed(current, state):
+        raise FailedPrecondition(
+            f"{what} cannot go from {states.task_state_name(current)} "
+            f"to {states.task_state_name(state)}"
+        )
+    last_number = last_attempt["attempt_number"] if last_attempt else 0
+    open_attempt = last_attempt is not None and last_attempt["end_time"] is None
+    start_number = 0
+    end_state = 0
+    reason = ""
+    if attempt is not None and attempt.attempt_number:
+        if attempt.state == T.TASK_RUN_STATE_RUNNING:
+            if open_attempt:
+                raise FailedPrecondition(f"attempt {last_number} of {what} is still open")
+            if attempt.attempt_number != last_number + 1:
+                raise FailedPrecondition(
+                    f"the next attempt of {what} is {last_number + 1}, not {attempt.attempt_number}"
+                )
+            start_number, reason = attempt.attempt_number, attempt.reason or "retry"
+        elif attempt.state in states.ATTEMPT_END:
+            if not open_attempt or attempt.attempt_number != last_number:
+                raise FailedPrecondition(
+                    f"attempt {attempt.attempt_number} of {what} is not the open attempt"
+                )
+            end_state = attempt.state
+        else:
+            raise InvalidArgument("attempt.state must be RUNNING or a terminal state")
+    elif current == T.TASK_RUN_STATE_PENDING and state == T.TASK_RUN_STATE_RUNNING:
+        start_number, reason = last_number + 1, "initial"
+    elif state in states.ATTEMPT_END and open_attempt:
+        end_state = state
+    if (
+        state == T.TASK_RUN_STATE_RUNNING
+        and current == T.TASK_RUN_STATE_PENDING
+        and not start_number
+    ):
+        raise FailedPrecondition(f"{what} starts RUNNING with a new attempt")
+    attempt_failure = failure_dict(
+        attempt.failure if attempt is not None and attempt.HasField("failure") else failure
+    )
+    return StepPlan(start_number, end_state, reason, attempt_failure)
+
+
+# --- the operations ------------------------------------------------------------------
+
+
+class _StepTransition(UnitOperation[Any]):
+    unit_type: ClassVar[type[StepUnit]] = StepUnit
+    table: ClassVar[str]
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.run_id: str = request.run_id
+        self.owner_id: str = request.chunk_id if self.table == "chunks" else request.task_id
+
+
+class TaskTransition(_StepTransition):
+    """``TransitionTask``, applied in a :class:`StepUnit`."""
+
+    table = "tasks"
+
+    def apply(self, unit: Any) -> pb.TransitionTaskResponse:
+        assert isinstance(unit, StepUnit)
+        request: pb.TransitionTaskRequest = self.request
+        run = unit.run(request.run_id)
+        earlier = unit.replayed(request, pb.TransitionTaskResponse)
+        if earlier is not None:
+            return earlier  # type: ignore[no-any-return]
+        check_claim({**run, "now": unit.now()}, request.epoch, what=f"run {request.run_id}")
+        if run["state"] in states.RUN_TERMINAL:
+            raise FailedPrecondition(
+                f"run {request.run_id} is {states.run_state_name(run['state'])}"
+            )
+        task = unit.tasks.get(request.task_id)
+        if task is None or task["run_id"] != request.run_id:
+            raise NotFound(f"task {request.task_id!r} is not part of run {request.run_id}")
+        log = EventLog(request.run_id, run["last_sequence"])
+        sequence = unit.apply_step_change(
+            log,
+            owner=task,
+            chunk_id=None,
+            state=request.state,
+            attempt=request.attempt if request.HasField("attempt") else None,
+            output=request.output if request.HasField("output") else None,
+            failure=request.failure if request.HasField("failure") else None,
+            actor=request.actor,
+            executor_id=run["claim_executor"] or "",
+            epoch=request.epoch,
+            extra={
+                "child_run_id": request.child_run_id or None,
+                "approval_id": request.approval_id or None,
+            },
+        )
+        counts = None
+        if task["kind"] == workflow_pb2.STEP_KIND_CHUNKED:
+            counts = unit.chunk_counts(request.task_id)
+        response = pb.TransitionTaskResponse(
+            task=convert.task(task, unit.attempts.get(request.task_id, []), counts),
+            event_sequence=sequence,
+        )
+        unit.commit(log, request, response)
+        return response
+
+
+class ChunkTransition(_StepTransition):
+    """``TransitionChunk``, applied in a :class:`StepUnit`."""
+
+    table = "chunks"
+
+    def apply(self, unit: Any) -> pb.TransitionChunkResponse:
+        assert isinstance(unit, StepUnit)
+        request: pb.TransitionChunkRequest = self.request
+        run = unit.run(request.run_id)
+        earlier = unit.replayed(request, pb.TransitionChunkResponse)
+        if earlier is not None:
+            return earlier  # type: ignore[no-any-return]
+        chunk = unit.chunks.get(request.chunk_id)
+        if chunk is None or chunk["run_id"] != request.run_id:
+            raise NotFound(f"chunk {request.chunk_id!r} is not part of run {request.run_id}")
+        now = unit.now()
+        if request.use_run_claim:
+            check_claim({**run, "now": now}, request.epoch, what=f"run {request.run_id}")
+            executor = run["claim_executor"] or ""
+        else:
+            check_claim({**chunk, "now": now}, request.epoch, what=f"chunk {request.chunk_id}")
+            executor = chunk["claim_executor"] or ""
+        if run["state"] in states.RUN_TERMINAL:
+            raise FailedPrecondition(
+                f"run {request.run_id} is {states.run_state_name(run['state'])}"
+            )
+        log = EventLog(request.run_id, run["last_sequence"])
+        sequence = unit.apply_step_change(
+            log,
+            owner=chunk,
+            chunk_id=request.chunk_id,
+            state=request.state,
+            attempt=request.attempt if request.HasField("attempt") else None,
+            output=request.output if request.HasField("output") else None,
+            failure=request.failure if request.HasField("failure") else None,
+            actor=request.actor,
+            executor_id=executor,
+            epoch=request.epoch,
+            extra={},
+        )
+        response = pb.TransitionChunkResponse(
+            chunk=convert.chunk(chunk, unit.attempts.get(request.chunk_id, [])),
+            counts=unit.chunk_counts(chunk["task_id"]),
+            event_sequence=sequence,
+        )
+        unit.commit(log, request, response)
+        return response
+
+
+_LOAD_SQL = """
+SELECT clock_timestamp() AS now,
+    (SELECT array_agg(r) FROM runs r WHERE r.run_id = ANY($1::text[])) AS runs,
+    (SELECT array_agg(t) FROM tasks t WHERE t.task_id = ANY($2::text[])) AS tasks,
+    (SELECT array_agg(c) FROM chunks c WHERE c.chunk_id = ANY($3::text[])) AS chunks,
+    (SELECT array_agg(a ORDER BY a.owner_id, a.attempt_number) FROM attempts a
+        WHERE a.owner_id = ANY($2::text[] || $3::text[])) AS attempts,
+    (SELECT array_agg(q) FROM requests q
+        JOIN unnest($4::text[], $5::text[]) AS k(method, request_id)
+        ON q.method = k.method AND q.request_id = k.request_id) AS replays,
+    (SELECT json_agg(x) FROM (
+        SELECT ch.task_id, ch.state, count(*) AS n, tk.chunks_complete AS complete
+        FROM chunks ch JOIN tasks tk ON tk.task_id = ch.task_id
+        WHERE ch.task_id IN (
+            SELECT task_id FROM chunks WHERE chunk_id = ANY($3::text[])
+            UNION SELECT task_id FROM tasks WHERE task_id = ANY($2::text[]) AND kind = 3)
+        GROUP BY ch.task_id, ch.state, tk.chunks_complete) x) AS counts
+"""
+
+_FLUSH_SQL = """
+WITH up_runs AS (
+    UPDATE runs r SET last_sequence = x.last_sequence, update_time = x.update_time
+    FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $17::bigint[])
+        AS x(run_id, last_sequence, update_time, read_sequence)
+    WHERE r.run_id = x.run_id AND r.last_sequence = x.read_sequence
+    RETURNING 1
+), up_tasks AS (
+    UPDATE tasks t SET state = x.state, start_time = x.start_time, end_time = x.end_time,
+        output = x.output, failure = x.failure, child_run_id = x.child_run_id,
+        approval_id = x.approval_id
+    FROM unnest($4::tasks[]) AS x WHERE t.task_id = x.task_id
+), up_chunks AS (
+    UPDATE chunks c SET state = x.state, start_time = x.start_time, end_time = x.end_time,
+        output = x.output, failure = x.failure
+    FROM unnest($5::chunks[]) AS x WHERE c.chunk_id = x.chunk_id
+), up_attempts AS (
+    INSERT INTO attempts SELECT * FROM unnest($6::attempts[])
+    ON CONFLICT (owner_id, attempt_number) DO UPDATE SET state = excluded.state,
+        end_time = excluded.end_time, failure = excluded.failure
+), new_events AS (
+    INSERT INTO events (run_id, sequence, event_id, type, actor_id, actor_roles, time,
+                        task_id, chunk_id, payload)
+    SELECT * FROM unnest($7::events[])
+), new_outbox AS (
+    INSERT INTO outbox (event_id, run_id, subject, body, create_time)
+    SELECT * FROM unnest($8::uuid[], $9::text[], $10::text[], $11::bytea[], $12::timestamptz[])
+), new_requests AS (
+    INSERT INTO requests (method, request_id, fingerprint, response)
+    SELECT * FROM unnest($13::text[], $14::text[], $15::text[], $16::bytea[])
+)
+SELECT ledger_expect_rows((SELECT count(*) FROM up_runs), cardinality($1::text[]), 'runs')
+"""

@@ -54,7 +54,10 @@ def _print_status(state_dir: Path, *, as_json: bool) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     state_dir = _state_dir(args.state_dir)
-    mesh.up(state_dir)
+    if args.executors < 1:
+        print("error: --executors must be at least 1", file=sys.stderr)
+        return 2
+    mesh.up(state_dir, executors=args.executors)
     print()
     code = _print_status(state_dir, as_json=False)
     print(f"state: {state_dir.resolve() / mesh.STATE_FILE}")
@@ -217,9 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _connection_options(parser, default=None)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("up", help="start the embedded mesh in the background").set_defaults(
-        func=cmd_up
+    up = commands.add_parser("up", help="start the embedded mesh in the background")
+    up.add_argument(
+        "--executors", type=int, default=1, metavar="N", help="executor processes (default 1)"
     )
+    up.set_defaults(func=cmd_up)
     commands.add_parser("down", help="stop every process of the embedded mesh").set_defaults(
         func=cmd_down
     )

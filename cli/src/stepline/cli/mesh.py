@@ -130,14 +130,24 @@ def _service_env(
         STEPLINE_LEDGER_ADDR=f"127.0.0.1:{ports['ledger']}",
         STEPLINE_APPROVALS_ADDR=f"127.0.0.1:{ports['approvals']}",
         STEPLINE_DEVICE_BROKER_ADDR=f"127.0.0.1:{ports['device-broker']}",
-        STEPLINE_EXECUTOR_ID=f"{name}-1",
+        STEPLINE_SCHEDULER_ADDR=f"127.0.0.1:{ports['scheduler']}",
+        STEPLINE_EXECUTOR_ID=name if name[-1].isdigit() else f"{name}-1",
         PYTHONUNBUFFERED="1",
     )
     return env
 
 
-def up(state_dir: Path, *, progress: Callable[[str], None] = print) -> MeshState:
-    """Start the whole mesh (or report the one already running)."""
+def _is_service(name: str) -> bool:
+    return name in SERVICES or name.startswith("executor-")
+
+
+def up(
+    state_dir: Path, *, executors: int = 1, progress: Callable[[str], None] = print
+) -> MeshState:
+    """Start the whole mesh (or report the one already running), with ``executors``
+    executor processes (named executor, executor-2, ...)."""
+    if executors < 1:
+        raise ValueError("executors must be at least 1")
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     existing = MeshState.load(state_dir)
@@ -152,7 +162,7 @@ def up(state_dir: Path, *, progress: Callable[[str], None] = print) -> MeshState
     state = MeshState(state_dir)
     try:
         _start_infrastructure(state, logs, progress)
-        _start_services(state, logs, progress)
+        _start_services(state, logs, progress, executors=executors)
     except BaseException:
         progress("start-up failed; stopping what was started")
         for record in reversed(state.components):
@@ -189,14 +199,17 @@ def _start_infrastructure(state: MeshState, logs: Path, progress: Callable[[str]
     state.save()
 
 
-def _start_services(state: MeshState, logs: Path, progress: Callable[[str], None]) -> None:
+def _start_services(
+    state: MeshState, logs: Path, progress: Callable[[str], None], *, executors: int
+) -> None:
     admin_token, auth_file, token_file = _credentials(state.state_dir)
     state.admin_token = admin_token
     postgres, nats, adb = state.components[:3]
     database_url = embedded.postgres_dsn(postgres.port, DATABASE)
-    ports = {name: embedded.free_port() for name in SERVICES}
-    progress(f"starting {', '.join(SERVICES)} ...")
-    for name in SERVICES:
+    names = [*SERVICES, *(f"executor-{i}" for i in range(2, executors + 1))]
+    ports = {name: embedded.free_port() for name in names}
+    progress(f"starting {', '.join(names)} ...")
+    for name in names:
         env = _service_env(
             name,
             port=ports[name],
@@ -207,7 +220,8 @@ def _start_services(state: MeshState, logs: Path, progress: Callable[[str], None
             auth_file=auth_file,
             token_file=token_file,
         )
-        module = "stepline." + name.replace("-", "_")
+        package = "executor" if name.startswith("executor") else name
+        module = "stepline." + package.replace("-", "_")
         state.components.append(
             embedded.spawn(
                 name,
@@ -234,8 +248,8 @@ def down(state_dir: Path, *, progress: Callable[[str], None] = print) -> list[st
     if state is None:
         progress(f"nothing to stop: no mesh state in {state_dir}")
         return []
-    services = [c for c in state.components if c.name in SERVICES]
-    infrastructure = [c for c in state.components if c.name not in SERVICES]
+    services = [c for c in state.components if _is_service(c.name)]
+    infrastructure = [c for c in state.components if not _is_service(c.name)]
     with ThreadPoolExecutor(max_workers=max(1, len(services))) as pool:
         graceful = list(pool.map(lambda r: embedded.stop(r, timeout_s=15), services))
     graceful += [embedded.stop(r, timeout_s=30) for r in reversed(infrastructure)]

@@ -41,6 +41,7 @@ _KIND = {
 @dataclass
 class _Pending:
     record: run_pb2.RunEvent
+    time: datetime
     payload: dict[str, Any]
     typed: tuple[str, Message] | None
 
@@ -75,8 +76,9 @@ class EventLog:
             chunk_id=chunk_id,
             payload=convert.struct(payload),
         )
-        record.time.FromDatetime(datetime.now(UTC))
-        self.pending.append(_Pending(record, payload or {}, typed))
+        now = datetime.now(UTC)
+        convert.fill_timestamp(record.time, now)
+        self.pending.append(_Pending(record, now, payload or {}, typed))
         return self.last_sequence
 
     async def flush(
@@ -124,7 +126,7 @@ def event_rows(log: EventLog) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ..
         if item.typed is not None:
             name, message = item.typed
             getattr(envelope, name).CopyFrom(message)
-        when = record.time.ToDatetime(tzinfo=UTC)
+        when = item.time
         events.append(
             (
                 record.run_id,

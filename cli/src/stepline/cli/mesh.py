@@ -14,7 +14,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +118,7 @@ def _service_env(
     adb_port: int,
     auth_file: Path,
     token_file: Path,
+    extra: Mapping[str, str],
 ) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("STEPLINE_")}
     env.update(
@@ -134,6 +135,7 @@ def _service_env(
         STEPLINE_EXECUTOR_ID=name if name[-1].isdigit() else f"{name}-1",
         PYTHONUNBUFFERED="1",
     )
+    env.update(extra)
     return env
 
 
@@ -142,12 +144,22 @@ def _is_service(name: str) -> bool:
 
 
 def up(
-    state_dir: Path, *, executors: int = 1, progress: Callable[[str], None] = print
+    state_dir: Path,
+    *,
+    executors: int = 1,
+    env: Mapping[str, str] | None = None,
+    progress: Callable[[str], None] = print,
 ) -> MeshState:
     """Start the whole mesh (or report the one already running), with ``executors``
-    executor processes (named executor, executor-2, ...)."""
+    executor processes (named executor, executor-2, ...). ``env``: extra
+    ``STEPLINE_*`` settings given to every service, over the mesh's own (tests
+    use it for short leases and reconcile intervals)."""
     if executors < 1:
         raise ValueError("executors must be at least 1")
+    extra = dict(env or {})
+    foreign = sorted(key for key in extra if not key.startswith("STEPLINE_"))
+    if foreign:
+        raise ValueError(f"env may only hold STEPLINE_* settings, not {', '.join(foreign)}")
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     existing = MeshState.load(state_dir)
@@ -162,7 +174,7 @@ def up(
     state = MeshState(state_dir)
     try:
         _start_infrastructure(state, logs, progress)
-        _start_services(state, logs, progress, executors=executors)
+        _start_services(state, logs, progress, executors=executors, env=extra)
     except BaseException:
         progress("start-up failed; stopping what was started")
         for record in reversed(state.components):
@@ -200,7 +212,12 @@ def _start_infrastructure(state: MeshState, logs: Path, progress: Callable[[str]
 
 
 def _start_services(
-    state: MeshState, logs: Path, progress: Callable[[str], None], *, executors: int
+    state: MeshState,
+    logs: Path,
+    progress: Callable[[str], None],
+    *,
+    executors: int,
+    env: Mapping[str, str],
 ) -> None:
     admin_token, auth_file, token_file = _credentials(state.state_dir)
     state.admin_token = admin_token
@@ -219,6 +236,7 @@ def _start_services(
             adb_port=adb.port,
             auth_file=auth_file,
             token_file=token_file,
+            extra=env,
         )
         package = "executor" if name.startswith("executor") else name
         module = "stepline." + package.replace("-", "_")

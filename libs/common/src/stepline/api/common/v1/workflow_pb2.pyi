@@ -5,11 +5,20 @@ The canonical form of a workflow definition. YAML and JSON sources are
 mapped onto these messages (field names as in the proto JSON mapping).
 
 Templates: a string value inside `args`, `inputs` or `account` may
-reference run data as `{{ path }}`. A string that is exactly one `{{ path }}`
-is replaced by the referenced value with its type; otherwise references are
-interpolated as text. Paths are rooted at `inputs.<name>`,
-`steps.<step_id>.output[.<key>...]`, `run.<run_id|workflow_name|labels.<k>>`
-and, in a chunked step's chunk_args, `chunk.<index|record[.<key>...]>`.
+reference run data as `{{ path }}`, a dotted name whose first segment says
+where the value comes from:
+  `inputs.<name>`          an input of the run;
+  `steps.<step_id>.<key>`  the output of a step that ran before this one;
+  `record.<key>`, `chunk.record.<key>`, `chunk.index`
+                           the chunk's record and index, in a chunked
+                           step's chunk_args only.
+Further segments walk into mappings by key and lists by index
+(`steps.fetch.items.0.id`). A string that is exactly one `{{ path }}` is
+replaced by the referenced value with its type; otherwise each reference is
+interpolated as text (strings as they are, other values as JSON). Mapping
+keys are not rendered and there is no escape for a literal `{{`. Malformed
+placeholders and unknown roots are refused at registration; a reference
+that names nothing at run time fails the step with INVALID_INPUT.
 Templates are rendered by the executor right before an attempt runs.
 """
 
@@ -324,8 +333,11 @@ Global___InputField: _TypeAlias = InputField  # noqa: Y015
 
 @_typing.final
 class WorkflowPermissions(_message.Message):
-    """Access control of one workflow, checked by the scheduler. An empty list
-    grants nothing beyond what the deployment grants globally (e.g. admins).
+    """Access control of one workflow, checked by the scheduler. The role `admin`
+    may do everything. An action whose access list is empty (no principals, no
+    roles) falls back to the default roles documented in docs/workflows.md
+    (read, start, cancel: `operator`, `service`; define: `operator`); a
+    non-empty list replaces them.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -634,7 +646,7 @@ class Govern(_message.Message):
 
     @_builtins.property
     def context_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Template paths (e.g. `inputs.account`, `steps.fetch.output.total`) whose
+        """Template paths (e.g. `inputs.account`, `steps.fetch.total`) whose
         values are copied into the approval request's context for approvers.
         """
 

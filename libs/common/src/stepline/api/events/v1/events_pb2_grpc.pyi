@@ -6,9 +6,9 @@ Messages carried by NATS JetStream.
 Stream STEPLINE_JOBS (work queue, subjects `stepline.jobs.>`), body RunJob:
   `stepline.jobs.run`    a run to claim and advance;
   `stepline.jobs.chunk`  one chunk of a chunked step to claim and execute.
-  Nats-Msg-Id is `<run_id>:<dispatch_epoch>` for run jobs and
-  `<chunk_id>:<dispatch_epoch>` for chunk jobs, so a retried publish is
-  deduplicated while a redispatch (new epoch) is not.
+  Nats-Msg-Id is `run:<run_id>:<dispatch_epoch>` for run jobs and
+  `chunk:<chunk_id>:<dispatch_epoch>` for chunk jobs, so a retried publish
+  is deduplicated while a redispatch (new epoch) is not.
 
 Stream STEPLINE_EVENTS (subjects `stepline.events.>`), body Event:
   `stepline.events.<kind>.<run_id>`, where kind is `run`, `task`, `chunk`,

@@ -183,7 +183,10 @@ async def ledger_store(
         cpu = time.process_time()
         ops, latencies, elapsed = await timed_loop(clients, seconds, lambda n: drivers[n].step)
         cpu = time.process_time() - cpu
-        print(f"ledger process CPU: {cpu / elapsed:.0%} of one core, {cpu / ops * 1e6:.0f} us per transition")
+        print(
+            f"ledger process CPU: {cpu / elapsed:.0%} of one core,"
+            f" {cpu / ops * 1e6:.0f} us per transition"
+        )
         per_batch = committer.operations / max(1, committer.batches)
     finally:
         await committer.close()

@@ -13,9 +13,9 @@ import hashlib
 import json
 import logging
 import re
-from typing import Any
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import asyncpg
 

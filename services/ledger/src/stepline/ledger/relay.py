@@ -19,10 +19,12 @@ Exactly-once publication
     consumers still dedupe on ``event_id`` (delivery is at least once).
 
 Order
-    Rows are published one at a time, in ``id`` order, each ack awaited before
-    the next publish. The events of one run are committed in ``id`` order (every
-    writer holds the run's row lock while it appends), so the stream holds each
-    run's events in sequence order. Should two relays ever overlap (a leader
+    A run's rows are published one at a time, in ``id`` order, each ack
+    awaited before the next publish; different runs are published
+    concurrently. The events of one run are committed in ``id`` order (a run's
+    writes are applied one batch at a time, guarded by its ``last_sequence``),
+    so the stream holds each run's events in sequence order.
+    Should two relays ever overlap (a leader
     that lost its database session while a publish was in flight), each still
     publishes in ``id`` order and the duplicate window keeps only the first
     copy, so per-run order still holds.
@@ -162,50 +164,66 @@ class OutboxRelay:
         self._wake.set()
 
     async def publish_pending(self) -> int:
-        """One pass: publish up to ``batch_size`` unpublished rows in ``id`` order.
+        """One pass: publish up to ``batch_size`` unpublished rows.
 
+        Rows of one run are published one at a time in ``id`` order, each ack
+        awaited before the next; different runs are published concurrently.
         Returns how many rows were published and marked (0 when another relay
-        holds the lock). Rows are marked only after their publish was acked; if a
-        publish fails, the rows acked before it are marked and the error raised.
+        holds the lock). Rows are marked only after their publish was acked; if
+        a publish fails, the rows acked are marked, the failed row and the later
+        rows of its run stay pending, and the error is raised.
         """
         if not await self.try_lead():
             return 0
         conn = self._conn
         assert conn is not None
         rows = await conn.fetch(_SELECT_SQL, self.batch_size)
+        by_run: dict[str, list[Any]] = {}
+        for row in rows:
+            by_run.setdefault(row["subject"].split(".", 1)[1], []).append(row)
         done: list[int] = []
-        try:
-            for row in rows:
-                if conn.is_closed():
-                    raise ConnectionError("outbox relay lost its database session")
-                subject = self._streams.subject("events", *row["subject"].split("."))
-                ack = await self._js.publish(
-                    subject,
-                    bytes(row["body"]),
-                    timeout=self.publish_timeout_s,
-                    stream=self._streams.events,
-                    headers={
-                        MSG_ID_HEADER: str(row["event_id"]),
-                        CONTENT_TYPE_HEADER: _CONTENT_TYPE,
-                    },
-                )
-                if ack.duplicate:
-                    log.debug("outbox row %d was already in the stream", row["id"])
-                if self._after_publish is not None:
-                    await self._after_publish(row["id"])
-                done.append(row["id"])
-        except Exception:
+        results = await asyncio.gather(
+            *(self._publish_run(conn, run_rows, done) for run_rows in by_run.values()),
+            return_exceptions=True,
+        )
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None and not isinstance(failure, Exception):
+            raise failure  # cancelled, or the process is going down: mark nothing
+        if failure is not None:
             # Keep what was acked, so a long outage does not outlive the duplicate
-            # window for those rows; the failed row and the rest stay pending.
+            # window for those rows; the failed rows stay pending.
             if done:
                 try:
                     await self._mark(conn, done)
                 except Exception:
                     log.warning("outbox relay: marking %d acked rows failed", len(done))
-            raise
+            raise failure
         if done:
             await self._mark(conn, done)
         return len(done)
+
+    async def _publish_run(
+        self, conn: asyncpg.Connection, rows: list[Any], done: list[int]
+    ) -> None:
+        for row in rows:
+            if conn.is_closed():
+                raise ConnectionError("outbox relay lost its database session")
+            subject = self._streams.subject("events", *row["subject"].split("."))
+            ack = await self._js.publish(
+                subject,
+                bytes(row["body"]),
+                timeout=self.publish_timeout_s,
+                stream=self._streams.events,
+                headers={
+                    MSG_ID_HEADER: str(row["event_id"]),
+                    CONTENT_TYPE_HEADER: _CONTENT_TYPE,
+                },
+            )
+            if ack.duplicate:
+                log.debug("outbox row %d was already in the stream", row["id"])
+            if self._after_publish is not None:
+                await self._after_publish(row["id"])
+            done.append(row["id"])
 
     async def _mark(self, conn: asyncpg.Connection, ids: list[int]) -> None:
         await conn.execute(_MARK_SQL, ids)

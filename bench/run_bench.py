@@ -19,29 +19,38 @@ token from the state directory's ``credentials.json``), then measures:
    durations) / steps;
 4. per process (ledger, scheduler, executors, PostgreSQL, NATS, ...): CPU used
    during each phase (% of one core, children included) and peak memory (the
-   process's VmHWM, and the sampled peak RSS of its process tree).
+   process's VmHWM, and the sampled peak RSS of its process tree), with the
+   CPU of everything else on the machine (other work skews the figures).
+
+With ``--profile ledger,executor`` those services run under cProfile (through
+a ``sitecustomize`` on PYTHONPATH that only acts in the named services'
+processes; the profiled process is slower) and the top functions by own time
+are printed after the mesh stops.
 
 The mesh is stopped with ``mesh.down`` at the end, also on error. Figures are
 printed next to the targets; nothing is asserted.
 
     .venv/bin/python bench/run_bench.py [--executors 1,2] [--clients 32] [--seconds 20]
-        [--warmup 3] [--open-seconds 5] [--steps 10] [--sample 300]
+        [--warmup 3] [--open-seconds 5] [--steps 10] [--sample 300] [--profile ledger]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import pstats
 import random
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import nats
@@ -52,12 +61,12 @@ from nats.aio.msg import Msg
 from stepline.api.common.v1 import common_pb2, run_pb2, workflow_pb2
 from stepline.api.events.v1 import events_pb2
 from stepline.api.scheduler.v1 import scheduler_service_pb2 as spb
-from stepline.api.scheduler.v1 import scheduler_service_pb2_grpc
+from stepline.api.scheduler.v1 import scheduler_service_pb2_grpc, workflow_service_pb2_grpc
 from stepline.api.scheduler.v1 import workflow_service_pb2 as wpb
-from stepline.api.scheduler.v1 import workflow_service_pb2_grpc
 from stepline.cli import mesh
 from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings
+from stepline.common.errors import SteplineError
 
 R = common_pb2.WorkflowRunState
 TERMINAL = frozenset(
@@ -200,6 +209,55 @@ def _machine_times() -> tuple[float, float]:
     return total - idle, total
 
 
+# --------------------------------------------------------------------------- profiling
+
+_SITECUSTOMIZE = """
+import atexit, cProfile, os
+_argv = open("/proc/self/cmdline", "rb").read().split(b"\\0")
+_wanted = {"stepline." + n.replace("-", "_") for n in os.environ["RUN_BENCH_PROFILE"].split(",")}
+_module = _argv[2].decode() if len(_argv) > 2 and _argv[1] == b"-m" else ""
+if _module in _wanted:
+    _profile = cProfile.Profile()
+    _profile.enable()
+    _out = os.path.join(os.environ["RUN_BENCH_PROFILE_DIR"], f"{_module}-{os.getpid()}.prof")
+    atexit.register(lambda: (_profile.disable(), _profile.dump_stats(_out)))
+"""
+
+
+@contextlib.contextmanager
+def profiling(services: str, folder: Path) -> Iterator[None]:
+    """Services started inside the block run under cProfile if named in ``services``."""
+    if not services:
+        yield
+        return
+    hook = folder / "profile-hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_SITECUSTOMIZE, encoding="utf-8")
+    saved = {
+        k: os.environ.get(k) for k in ("PYTHONPATH", "RUN_BENCH_PROFILE", "RUN_BENCH_PROFILE_DIR")
+    }
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), saved["PYTHONPATH"]]))
+    os.environ["RUN_BENCH_PROFILE"] = services
+    os.environ["RUN_BENCH_PROFILE_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def print_profiles(folder: Path, top: int) -> None:
+    for path in sorted(folder.glob("*.prof")):
+        stats = pstats.Stats(str(path))
+        print(f"\n  profile of {path.stem}: top {top} by own time (event-loop waits left out)")
+        stats.sort_stats("tottime").print_stats(r"^(?!.*(epoll|_run_once|Context' obj))", top)
+        print(f"  profile of {path.stem}: top {top} Stepline functions by cumulative time")
+        stats.sort_stats("cumulative").print_stats(r"/stepline/", top)
+
+
 # --------------------------------------------------------------------------- the workflow
 
 
@@ -260,6 +318,19 @@ class Bench:
             spb.StartRunRequest(request_id=str(uuid.uuid4()), workflow_name=WORKFLOW)
         )
         return str(response.run.run_id)
+
+    async def ready(self, timeout_s: float = 30.0) -> None:
+        """Wait until the scheduler reaches the ledger: the services start together,
+        and a channel that tried a peer before it listened backs off for a while."""
+        deadline = time.perf_counter() + timeout_s
+        while True:
+            try:
+                await self.runs.ListRuns(spb.ListRunsRequest(page_size=1), timeout=2.0)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.perf_counter() > deadline:
+                    raise
+            await asyncio.sleep(0.2)  # an outside process's state: nothing to await
 
     async def one_run(self) -> str:
         run_id = await self.start()
@@ -389,6 +460,7 @@ async def measure(state: mesh.MeshState, args: argparse.Namespace, result: Resul
         )
         print(f"  registered {WORKFLOW} version {registered.workflow.definition.version}")
         bench = Bench(scheduler_service_pb2_grpc.SchedulerServiceStub(channel), ends)
+        await bench.ready()
         with ProcessWatch(components) as watch:
             print(f"  warm-up: {args.clients} clients, {args.warmup:.0f} s")
             await bench.closed_loop(args.clients, args.warmup)
@@ -435,17 +507,51 @@ async def measure(state: mesh.MeshState, args: argparse.Namespace, result: Resul
         await channel.close()
 
 
+def log_problems(folder: Path) -> None:
+    """How many WARNING and ERROR lines each service logged (retries show up here)."""
+    for log in sorted(folder.glob("*.log")):
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+        problems = [line for line in lines if " WARNING " in line or " ERROR " in line]
+        if problems:
+            print(f"  {log.name}: {len(problems)} WARNING/ERROR lines, e.g. {problems[-1][:160]}")
+
+
+def start_mesh(state_dir: Path, executors: int, args: argparse.Namespace) -> mesh.MeshState:
+    """``mesh.up``, tried again once: on a shared machine a free port can be taken
+    between its choice and its use (``up`` stops what it started when it fails)."""
+    settings = dict(item.split("=", 1) for item in args.env)
+    extra: dict[str, Any] = {"env": settings} if settings else {}
+    for attempt in (1, 2):
+        try:
+            return mesh.up(
+                state_dir, executors=executors, progress=lambda m: print(f"  {m}"), **extra
+            )
+        except SteplineError as exc:
+            if attempt == 2:
+                raise
+            print(f"  start-up failed ({str(exc).splitlines()[0]}); trying once more")
+    raise AssertionError("unreachable")
+
+
 def configuration(executors: int, args: argparse.Namespace) -> Result:
     result = Result(executors)
     with tempfile.TemporaryDirectory(prefix="stepline-run-bench-") as tmp:
         state_dir = Path(tmp) / "state"
         started = time.perf_counter()
         try:
-            state = mesh.up(state_dir, executors=executors, progress=lambda m: print(f"  {m}"))
+            with profiling(args.profile, Path(tmp)):
+                state = start_mesh(state_dir, executors, args)
             print(f"  mesh up in {time.perf_counter() - started:.1f} s")
             asyncio.run(measure(state, args, result))
+        except BaseException:
+            for log in sorted((state_dir / "logs").glob("*.log")):
+                tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+                print(f"  --- {log.name} (last lines)", *tail, sep="\n    ")
+            raise
         finally:
+            log_problems(state_dir / "logs")
             mesh.down(state_dir, progress=lambda m: print(f"  {m}"))
+        print_profiles(Path(tmp), args.profile_top)
     return result
 
 
@@ -464,25 +570,23 @@ def report(result: Result) -> None:
         f"   p99 {ms(percentile(result.start_rpc, 0.99))}"
     )
     print(f"  runs not SUCCEEDED: {result.failed}")
-    names = list(result.peak_rss)
-    phases = result.cpu
-    header = f"  {'process':<22}{'VmHWM':>10}{'peak tree RSS':>15}"
-    for phase in phases:
-        header += f"{'CPU ' + phase.name:>34}"
-    print(header)
-    for name in [*names, "bench (this process)"]:
-        line = f"  {name:<22}"
-        if name in result.hwm_kb:
-            line += f"{result.hwm_kb[name] / 1024:>8.0f}MB{result.peak_rss[name] / 2**20:>13.0f}MB"
-        else:
-            line += f"{'':>25}"
-        for phase in phases:
-            line += f"{phase.shares.get(name, 0.0):>33.0%} "
-        print(line)
-    line = f"  {'machine (all cores)':<22}{'':>25}"
-    for phase in phases:
-        line += f"{phase.machine_busy:>28.0%} of {os.cpu_count()}"
-    print(line)
+    cores = os.cpu_count() or 1
+    print(f"  {'process':<24}{'VmHWM':>8}{'tree RSS':>10}{'CPU peak':>10}{'CPU half':>10}")
+    for name in [*result.peak_rss, "bench (this process)"]:
+        memory = (
+            f"{result.hwm_kb[name] / 1024:>6.0f}MB{result.peak_rss[name] / 2**20:>8.0f}MB"
+            if name in result.hwm_kb
+            else f"{'':>18}"
+        )
+        cpu = "".join(f"{phase.shares.get(name, 0.0):>10.0%}" for phase in result.cpu)
+        print(f"  {name:<24}{memory}{cpu}")
+    others = "".join(
+        f"{max(0.0, p.machine_busy * cores - sum(p.shares.values())):>10.0%}" for p in result.cpu
+    )
+    print(f"  {'others on this machine':<24}{'':>18}{others}")
+    busy = "".join(f"{p.machine_busy * cores:>10.0%}" for p in result.cpu)
+    print(f"  {'machine busy':<24}{'':>18}{busy}   (of {cores * 100}%)")
+    print("  CPU in % of one core; " + "; ".join(p.name for p in result.cpu))
     print("  (target: no service above 200 MB; PostgreSQL's tree RSS counts shared buffers")
     print("   once per backend, so it overstates its memory)")
 
@@ -496,6 +600,17 @@ def main() -> int:
     parser.add_argument("--open-seconds", type=float, default=5.0, help="half-peak duration")
     parser.add_argument("--steps", type=int, default=10, help="core.noop steps per run")
     parser.add_argument("--sample", type=int, default=300, help="closed-loop runs read back")
+    parser.add_argument(
+        "--profile", default="", help="services to run under cProfile, e.g. ledger,executor"
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="STEPLINE_X=V",
+        help="extra service setting, e.g. STEPLINE_MAX_CONCURRENT_RUNS=32 (repeatable)",
+    )
+    parser.add_argument("--profile-top", type=int, default=25, help="functions shown per profile")
     args = parser.parse_args()
     counts = [int(n) for n in args.executors.split(",") if n.strip()]
     print(

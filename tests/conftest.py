@@ -20,7 +20,7 @@ EXECUTORS = 2
 #: settings for every service of the test mesh (defaults: 30 s lease and ack
 #: wait, a reconcile pass every 10 s, a 30 s grace before a redispatch)
 FAST_RECOVERY = {
-    "STEPLINE_EXECUTOR_LEASE_S": "2",
+    "STEPLINE_EXECUTOR_LEASE_S": "3",
     "STEPLINE_EXECUTOR_ACK_WAIT_S": "3",
     "STEPLINE_SCHEDULER_RECONCILE_INTERVAL_S": "0.5",
     "STEPLINE_SCHEDULER_ORPHAN_GRACE_S": "2",
@@ -32,9 +32,7 @@ FAST_RECOVERY = {
 def mesh_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[mesh.MeshState]:
     """The running mesh's state (endpoints, pids, admin token); stopped at the end."""
     state_dir: Path = tmp_path_factory.mktemp("mesh")
-    state = mesh.up(
-        state_dir, executors=EXECUTORS, env=FAST_RECOVERY, progress=lambda _msg: None
-    )
+    state = mesh.up(state_dir, executors=EXECUTORS, env=FAST_RECOVERY, progress=lambda _msg: None)
     try:
         yield state
     finally:

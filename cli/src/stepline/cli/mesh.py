@@ -174,7 +174,7 @@ def up(
     state = MeshState(state_dir)
     try:
         _start_infrastructure(state, logs, progress)
-        _start_services(state, logs, progress, executors=executors, env=extra)
+        _start_services(state, logs, progress, executors=executors, extra=extra)
     except BaseException:
         progress("start-up failed; stopping what was started")
         for record in reversed(state.components):
@@ -217,7 +217,7 @@ def _start_services(
     progress: Callable[[str], None],
     *,
     executors: int,
-    env: Mapping[str, str],
+    extra: Mapping[str, str],
 ) -> None:
     admin_token, auth_file, token_file = _credentials(state.state_dir)
     state.admin_token = admin_token
@@ -227,7 +227,7 @@ def _start_services(
     ports = {name: embedded.free_port() for name in names}
     progress(f"starting {', '.join(names)} ...")
     for name in names:
-        env = _service_env(
+        service_env = _service_env(
             name,
             port=ports[name],
             ports=ports,
@@ -236,7 +236,7 @@ def _start_services(
             adb_port=adb.port,
             auth_file=auth_file,
             token_file=token_file,
-            extra=env,
+            extra=extra,
         )
         package = "executor" if name.startswith("executor") else name
         module = "stepline." + package.replace("-", "_")
@@ -247,7 +247,7 @@ def _start_services(
                 log_path=logs / f"{name}.log",
                 endpoint=f"127.0.0.1:{ports[name]}",
                 port=ports[name],
-                env=env,
+                env=service_env,
             )
         )
     state.save()

@@ -423,85 +423,25 @@ def plan_step_change(
 
 
 class _StepTransition(UnitOperation[Any]):
+    """A task or chunk transition; subclasses say which rows, claim and response."""
+
     unit_type: ClassVar[type[StepUnit]] = StepUnit
     table: ClassVar[str]
+    response_type: ClassVar[type[Message]]
 
     def __init__(self, request: Any) -> None:
         self.request = request
         self.run_id: str = request.run_id
         self.owner_id: str = request.chunk_id if self.table == "chunks" else request.task_id
 
-
-class TaskTransition(_StepTransition):
-    """``TransitionTask``, applied in a :class:`StepUnit`."""
-
-    table = "tasks"
-
-    def apply(self, unit: Any) -> pb.TransitionTaskResponse:
+    def apply(self, unit: Any) -> Any:
         assert isinstance(unit, StepUnit)
-        request: pb.TransitionTaskRequest = self.request
+        request = self.request
         run = unit.run(request.run_id)
-        earlier = unit.replayed(request, pb.TransitionTaskResponse)
+        earlier = unit.replayed(request, self.response_type)
         if earlier is not None:
-            return earlier  # type: ignore[no-any-return]
-        check_claim({**run, "now": unit.now()}, request.epoch, what=f"run {request.run_id}")
-        if run["state"] in states.RUN_TERMINAL:
-            raise FailedPrecondition(
-                f"run {request.run_id} is {states.run_state_name(run['state'])}"
-            )
-        task = unit.tasks.get(request.task_id)
-        if task is None or task["run_id"] != request.run_id:
-            raise NotFound(f"task {request.task_id!r} is not part of run {request.run_id}")
-        log = EventLog(request.run_id, run["last_sequence"])
-        sequence = unit.apply_step_change(
-            log,
-            owner=task,
-            chunk_id=None,
-            state=request.state,
-            attempt=request.attempt if request.HasField("attempt") else None,
-            output=request.output if request.HasField("output") else None,
-            failure=request.failure if request.HasField("failure") else None,
-            actor=request.actor,
-            executor_id=run["claim_executor"] or "",
-            epoch=request.epoch,
-            extra={
-                "child_run_id": request.child_run_id or None,
-                "approval_id": request.approval_id or None,
-            },
-        )
-        counts = None
-        if task["kind"] == workflow_pb2.STEP_KIND_CHUNKED:
-            counts = unit.chunk_counts(request.task_id)
-        response = pb.TransitionTaskResponse(
-            task=convert.task(task, unit.attempts.get(request.task_id, []), counts),
-            event_sequence=sequence,
-        )
-        unit.commit(log, request, response)
-        return response
-
-
-class ChunkTransition(_StepTransition):
-    """``TransitionChunk``, applied in a :class:`StepUnit`."""
-
-    table = "chunks"
-
-    def apply(self, unit: Any) -> pb.TransitionChunkResponse:
-        assert isinstance(unit, StepUnit)
-        request: pb.TransitionChunkRequest = self.request
-        run = unit.run(request.run_id)
-        earlier = unit.replayed(request, pb.TransitionChunkResponse)
-        if earlier is not None:
-            return earlier  # type: ignore[no-any-return]
-        chunk = unit.chunks.get(request.chunk_id)
-        if chunk is None or chunk["run_id"] != request.run_id:
-            raise NotFound(f"chunk {request.chunk_id!r} is not part of run {request.run_id}")
-        now = unit.now()
-        if request.use_run_claim:
-            check_claim({**run, "now": now}, request.epoch, what=f"run {request.run_id}")
-            executor = run["claim_executor"] or ""
-        else:
-            check_claim({**chunk, "now": now}, request.epoch, what=f"chunk {request.chunk_id}")
-            executor = chunk["claim_executor"] or ""
+            return earlier
+        owner, executor = self.locate(unit, run)
         if run["state"] in states.RUN_TERMINAL:
             raise FailedPrecondition(
                 f"run {request.run_id} is {states.run_state_name(run['state'])}"
@@ -509,8 +449,8 @@ class ChunkTransition(_StepTransition):
         log = EventLog(request.run_id, run["last_sequence"])
         sequence = unit.apply_step_change(
             log,
-            owner=chunk,
-            chunk_id=request.chunk_id,
+            owner=owner,
+            chunk_id=request.chunk_id if self.table == "chunks" else None,
             state=request.state,
             attempt=request.attempt if request.HasField("attempt") else None,
             output=request.output if request.HasField("output") else None,
@@ -518,15 +458,80 @@ class ChunkTransition(_StepTransition):
             actor=request.actor,
             executor_id=executor,
             epoch=request.epoch,
-            extra={},
+            extra=self.extra(),
         )
-        response = pb.TransitionChunkResponse(
-            chunk=convert.chunk(chunk, unit.attempts.get(request.chunk_id, [])),
-            counts=unit.chunk_counts(chunk["task_id"]),
-            event_sequence=sequence,
-        )
+        response = self.response(unit, owner, sequence)
         unit.commit(log, request, response)
         return response
+
+    def locate(self, unit: StepUnit, run: Row) -> tuple[Row, str]:
+        """The task or chunk (NOT_FOUND if not the run's) after the fencing check;
+        returns it and the executor its claim names."""
+        raise NotImplementedError
+
+    def extra(self) -> dict[str, Any]:
+        return {}
+
+    def response(self, unit: StepUnit, owner: Row, sequence: int) -> Message:
+        raise NotImplementedError
+
+
+class TaskTransition(_StepTransition):
+    """``TransitionTask``, applied in a :class:`StepUnit`."""
+
+    table = "tasks"
+    response_type = pb.TransitionTaskResponse
+
+    def locate(self, unit: StepUnit, run: Row) -> tuple[Row, str]:
+        request: pb.TransitionTaskRequest = self.request
+        check_claim({**run, "now": unit.now()}, request.epoch, what=f"run {request.run_id}")
+        task = unit.tasks.get(request.task_id)
+        if task is None or task["run_id"] != request.run_id:
+            raise NotFound(f"task {request.task_id!r} is not part of run {request.run_id}")
+        return task, run["claim_executor"] or ""
+
+    def extra(self) -> dict[str, Any]:
+        return {
+            "child_run_id": self.request.child_run_id or None,
+            "approval_id": self.request.approval_id or None,
+        }
+
+    def response(self, unit: StepUnit, owner: Row, sequence: int) -> Message:
+        counts = None
+        if owner["kind"] == workflow_pb2.STEP_KIND_CHUNKED:
+            counts = unit.chunk_counts(owner["task_id"])
+        return pb.TransitionTaskResponse(
+            task=convert.task(owner, unit.attempts.get(owner["task_id"], []), counts),
+            event_sequence=sequence,
+        )
+
+
+class ChunkTransition(_StepTransition):
+    """``TransitionChunk``, applied in a :class:`StepUnit`: under the run's claim
+    (``use_run_claim``) or the chunk's own."""
+
+    table = "chunks"
+    response_type = pb.TransitionChunkResponse
+
+    def locate(self, unit: StepUnit, run: Row) -> tuple[Row, str]:
+        request: pb.TransitionChunkRequest = self.request
+        chunk = unit.chunks.get(request.chunk_id)
+        if chunk is None or chunk["run_id"] != request.run_id:
+            raise NotFound(f"chunk {request.chunk_id!r} is not part of run {request.run_id}")
+        holder, what = (
+            (run, f"run {request.run_id}")
+            if request.use_run_claim
+            else (chunk, f"chunk {request.chunk_id}")
+        )
+        check_claim({**holder, "now": unit.now()}, request.epoch, what=what)
+        return chunk, holder["claim_executor"] or ""
+
+    def response(self, unit: StepUnit, owner: Row, sequence: int) -> Message:
+        return pb.TransitionChunkResponse(
+            chunk=convert.chunk(owner, unit.attempts.get(owner["chunk_id"], [])),
+            counts=unit.chunk_counts(owner["task_id"]),
+            event_sequence=sequence,
+        )
 
 
 _LOAD_SQL = """

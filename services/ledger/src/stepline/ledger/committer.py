@@ -100,6 +100,9 @@ class GroupCommitter:
                     batch.append(queue.get_nowait())
                 if conn is None or conn.is_closed():
                     conn = await self._pool.acquire()
+                    # The writes are few statements run very often with array
+                    # parameters: plan them once, not at every execution.
+                    await conn.execute("SET plan_cache_mode = force_generic_plan")
                 await self._commit(conn, batch)
         finally:
             if conn is not None:

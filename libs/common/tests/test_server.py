@@ -10,6 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from stepline.common import embedded
 from stepline.common.auth import Authenticator, Principal, current_principal
 from stepline.common.client import check_health, open_channel
 from stepline.common.config import ClientSettings, ServerSettings
@@ -211,3 +212,32 @@ async def test_stop_reports_not_serving() -> None:
     assert await check_health(target)
     await host.stop()
     assert not await check_health(target, timeout_s=0.5)
+
+
+async def test_services_wait_for_a_peer_that_is_still_starting() -> None:
+    port = embedded.free_port()
+    target = f"127.0.0.1:{port}"
+    request = health_pb2.HealthCheckRequest()
+    impatient = open_channel(target, settings=ClientSettings(default_timeout_s=5))
+    async with impatient:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await health_pb2_grpc.HealthStub(impatient).Check(request)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # interactive clients fail fast
+
+    patient = open_channel(
+        target, settings=ClientSettings(default_timeout_s=10, wait_for_ready=True)
+    )
+    async with patient:
+        call = asyncio.ensure_future(health_pb2_grpc.HealthStub(patient).Check(request))
+        await asyncio.sleep(0)  # the call is under way before the peer listens
+        host = GrpcHost(
+            settings=ServerSettings(service="late", listen=target, shutdown_grace_s=0.2),
+            authenticator=Authenticator.from_tokens([]),
+        )
+        await host.start()
+        await host.set_serving(True)
+        try:
+            response = await call
+        finally:
+            await host.stop()
+    assert response.status == health_pb2.HealthCheckResponse.SERVING

@@ -16,10 +16,13 @@ from stepline.common.config import ClientSettings
 
 
 class _Defaults:
-    """Fills in the default deadline and the bearer token on every call."""
+    """Fills in the default deadline, wait-for-ready and the bearer token on every call."""
 
-    def __init__(self, *, default_timeout_s: float, token: str | None) -> None:
+    def __init__(
+        self, *, default_timeout_s: float, token: str | None, wait_for_ready: bool = False
+    ) -> None:
         self._default_timeout_s = default_timeout_s
+        self._wait_for_ready = wait_for_ready
         self._auth: Sequence[tuple[str, str]] = (
             (("authorization", f"Bearer {token}"),) if token else ()
         )
@@ -27,8 +30,13 @@ class _Defaults:
     def details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         timeout = details.timeout if details.timeout is not None else self._default_timeout_s
         metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._auth)
+        ready = details.wait_for_ready
         return grpc.aio.ClientCallDetails(
-            details.method, timeout, metadata, details.credentials, details.wait_for_ready
+            details.method,
+            timeout,
+            metadata,
+            details.credentials,
+            self._wait_for_ready if ready is None else ready,
         )
 
 
@@ -79,6 +87,7 @@ def open_channel(
     defaults = _Defaults(
         default_timeout_s=settings.default_timeout_s,
         token=token if token is not None else settings.service_token,
+        wait_for_ready=settings.wait_for_ready,
     )
     return grpc.aio.insecure_channel(
         target,

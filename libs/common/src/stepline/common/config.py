@@ -136,6 +136,10 @@ class ClientSettings:
     service_token: str | None = None
     default_timeout_s: float = 10.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: calls wait (within their deadline) for a peer that is not reachable yet,
+    #: instead of failing at once with UNAVAILABLE: services starting together
+    #: (from_env sets it); interactive clients keep failing fast
+    wait_for_ready: bool = False
 
     @classmethod
     def from_env(cls, env: Env) -> ClientSettings:
@@ -154,6 +158,7 @@ class ClientSettings:
             max_message_bytes=env.integer(
                 "MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES, minimum=1024
             ),
+            wait_for_ready=True,
         )
 
 

@@ -7,12 +7,15 @@ caller's bearer token: a call without a deadline cannot be made through here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 
 from stepline.common.config import ClientSettings
+from stepline.common.errors import from_rpc_error
+
+T = TypeVar("T")
 
 
 class _Defaults:
@@ -71,6 +74,15 @@ class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
 
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._defaults.details(details), requests)
+
+
+async def rpc(call: Awaitable[T]) -> T:
+    """Await a call to another Stepline service, turning its failure back into the
+    :class:`~stepline.common.errors.SteplineError` it was on the other side."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from None
 
 
 def open_channel(

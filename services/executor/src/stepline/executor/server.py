@@ -25,8 +25,7 @@ from stepline.api.events.v1 import events_pb2
 from stepline.api.scheduler.v1 import workflow_service_pb2 as wpb
 from stepline.api.scheduler.v1 import workflow_service_pb2_grpc
 from stepline.common import jetstream
-from stepline.common.client import open_channel
-from stepline.common.errors import from_rpc_error
+from stepline.common.client import open_channel, rpc
 from stepline.common.server import GrpcHost, serving, wait_until_stopped
 from stepline.executor.chunks import execute_chunk_job
 from stepline.executor.config import ExecutorSettings
@@ -48,12 +47,9 @@ class SchedulerWorkflows:
         self.stub = workflow_service_pb2_grpc.WorkflowServiceStub(channel)
 
     async def get(self, name: str, version: int) -> workflow_pb2.WorkflowDefinition:
-        try:
-            response = await self.stub.GetWorkflow(
-                wpb.GetWorkflowRequest(name=name, version=version)
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+        response = await rpc(
+            self.stub.GetWorkflow(wpb.GetWorkflowRequest(name=name, version=version))
+        )
         return response.workflow.definition
 
 

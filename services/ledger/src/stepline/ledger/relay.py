@@ -63,7 +63,8 @@ CHANNEL = "stepline_outbox"
 # Advisory lock key: per schema, since advisory locks are per database.
 _LOCK_SQL = "SELECT pg_try_advisory_lock(hashtext('stepline:outbox-relay:' || current_schema()))"
 _SELECT_SQL = (
-    "SELECT id, event_id, subject, body FROM outbox WHERE publish_time IS NULL ORDER BY id LIMIT $1"
+    "SELECT id, event_id, run_id, subject, body FROM outbox"
+    " WHERE publish_time IS NULL ORDER BY id LIMIT $1"
 )
 _MARK_SQL = "UPDATE outbox SET publish_time = clock_timestamp() WHERE id = ANY($1::bigint[])"
 _CONTENT_TYPE = f"application/protobuf; proto={events_pb2.Event.DESCRIPTOR.full_name}"
@@ -180,7 +181,7 @@ class OutboxRelay:
         rows = await conn.fetch(_SELECT_SQL, self.batch_size)
         by_run: dict[str, list[Any]] = {}
         for row in rows:
-            by_run.setdefault(row["subject"].split(".", 1)[1], []).append(row)
+            by_run.setdefault(row["run_id"], []).append(row)
         done: list[int] = []
         results = await asyncio.gather(
             *(self._publish_run(conn, run_rows, done) for run_rows in by_run.values()),

@@ -875,17 +875,6 @@ _WITH_ATTEMPTS = (
 )
 
 
-async def read_task(conn: asyncpg.Connection, task_id: str) -> run_pb2.TaskRun:
-    """A task with its attempts, in one round trip (two for a chunked step)."""
-    row = await conn.fetchrow(_WITH_ATTEMPTS.format(table="tasks", key="task_id"), task_id)
-    if row is None:
-        raise NotFound(f"task {task_id!r} does not exist")
-    counts = None
-    if row["kind"] == workflow_pb2.STEP_KIND_CHUNKED:
-        counts = await read_chunk_counts(conn, task_id)
-    return convert.task(row, row["attempts_json"], counts)
-
-
 async def read_chunk(conn: asyncpg.Connection, chunk_id: str) -> run_pb2.ChunkRun:
     """A chunk with its attempts, in one round trip."""
     row = await conn.fetchrow(_WITH_ATTEMPTS.format(table="chunks", key="chunk_id"), chunk_id)

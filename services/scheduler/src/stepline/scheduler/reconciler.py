@@ -35,8 +35,9 @@ from google.protobuf.duration_pb2 import Duration
 
 from stepline.api.common.v1 import common_pb2, run_pb2
 from stepline.api.ledger.v1 import ledger_pb2
+from stepline.common.client import rpc
 from stepline.common.errors import FailedPrecondition, SteplineError
-from stepline.scheduler.scheduler_service import Runs, ledger_call, scheduler_actor
+from stepline.scheduler.scheduler_service import Runs, scheduler_actor
 
 if TYPE_CHECKING:
     from stepline.api.ledger.v1.ledger_pb2_grpc import LedgerServiceAsyncStub
@@ -71,7 +72,7 @@ class Reconciler:
         grace = Duration()
         grace.FromNanoseconds(max(1, int(self.grace_s * 1e9)))
         while True:
-            page = await ledger_call(
+            page = await rpc(
                 self.ledger.ListOrphanedRuns(
                     ledger_pb2.ListOrphanedRunsRequest(
                         grace_period=grace, page_size=self.page_size, page_token=token
@@ -118,7 +119,7 @@ class Reconciler:
         it cannot be claimed now (an executor holds it, or it just ended)."""
         key = f"deadline:{run.run_id}"
         try:
-            claimed = await ledger_call(
+            claimed = await rpc(
                 self.ledger.ClaimRun(
                     ledger_pb2.ClaimRunRequest(
                         request_id=f"{key}:claim:{run.claim.epoch}",
@@ -134,7 +135,7 @@ class Reconciler:
         epoch = claimed.claim.epoch
         actor = scheduler_actor()
         if claimed.run.state != R.WORKFLOW_RUN_STATE_RUNNING:
-            await ledger_call(
+            await rpc(
                 self.ledger.TransitionRun(
                     ledger_pb2.TransitionRunRequest(
                         request_id=f"{key}:{epoch}:running",
@@ -146,7 +147,7 @@ class Reconciler:
                     )
                 )
             )
-        await ledger_call(
+        await rpc(
             self.ledger.TransitionRun(
                 ledger_pb2.TransitionRunRequest(
                     request_id=f"{key}:{epoch}:timed_out",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,12 +28,12 @@ from stepline.api.ledger.v1 import ledger_pb2
 from stepline.api.scheduler.v1 import scheduler_service_pb2 as pb
 from stepline.api.scheduler.v1 import scheduler_service_pb2_grpc
 from stepline.common import auth
+from stepline.common.client import rpc
 from stepline.common.errors import (
     Aborted,
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    from_rpc_error,
 )
 from stepline.common.jetstream import Streams, publish_proto
 from stepline.scheduler import access
@@ -68,14 +68,6 @@ def principal_of(message: common_pb2.Principal) -> auth.Principal:
 def scheduler_actor() -> common_pb2.Principal:
     """The scheduler itself, as the actor of the dispatches it records."""
     return common_pb2.Principal(id=SCHEDULER_ID, roles=["service"])
-
-
-async def ledger_call(call: Awaitable[T]) -> T:
-    """Await a ledger RPC, turning its failure back into the Stepline error it was."""
-    try:
-        return await call
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from None
 
 
 def require(value: str, name: str) -> str:
@@ -169,7 +161,7 @@ class Runs:
             schedule_id=schedule_id,
             tasks=await self._resolved_plan(definition),
         )
-        created = await ledger_call(self.ledger.CreateRun(create))
+        created = await rpc(self.ledger.CreateRun(create))
         run = basic_view(created.run)
         if created.created:
             await self.jobs.try_publish_run(run.run_id, run.dispatch_epoch)
@@ -208,7 +200,7 @@ class Runs:
     ) -> run_pb2.WorkflowRun:
         """The run, if ``principal`` may ``action`` it (NOT_FOUND / PERMISSION_DENIED)."""
         require(run_id, "run_id")
-        response = await ledger_call(
+        response = await rpc(
             self.ledger.GetRun(
                 ledger_pb2.GetRunRequest(run_id=run_id, view=view or run_pb2.RUN_VIEW_BASIC)
             )
@@ -226,7 +218,7 @@ class Runs:
         principal: auth.Principal,
     ) -> ledger_pb2.RequestControlResponse:
         await self.get_checked(run_id, "cancel", principal)
-        return await ledger_call(
+        return await rpc(
             self.ledger.RequestControl(
                 ledger_pb2.RequestControlRequest(
                     request_id=request_id or f"control:{uuid.uuid4()}",
@@ -246,7 +238,7 @@ class Runs:
         Returns the new epoch, or None when someone else dispatched first.
         """
         try:
-            dispatched = await ledger_call(
+            dispatched = await rpc(
                 self.ledger.RecordDispatch(
                     ledger_pb2.RecordDispatchRequest(
                         request_id=request_id,
@@ -325,7 +317,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
         principal = auth.current_principal()
         require(request.step_id, "step_id")
         await self.runs.get_checked(request.run_id, "start", principal)
-        response = await ledger_call(
+        response = await rpc(
             self.runs.ledger.RerunFrom(
                 ledger_pb2.RerunFromRequest(
                     request_id=request.request_id or f"rerun:{uuid.uuid4()}",
@@ -350,7 +342,7 @@ class SchedulerServicer(scheduler_service_pb2_grpc.SchedulerServiceServicer):
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
         principal = auth.current_principal()
-        response = await ledger_call(
+        response = await rpc(
             self.runs.ledger.ListRuns(
                 ledger_pb2.ListRunsRequest(
                     filter=request.filter,

@@ -35,6 +35,7 @@ from croniter import croniter
 from stepline.api.ledger.v1 import ledger_pb2
 from stepline.api.scheduler.v1 import scheduler_service_pb2 as pb
 from stepline.common import auth
+from stepline.common.client import rpc
 from stepline.common.errors import (
     Aborted,
     DeadlineExceeded,
@@ -48,7 +49,6 @@ from stepline.scheduler import access
 from stepline.scheduler.definitions import validate_inputs
 from stepline.scheduler.scheduler_service import (
     Runs,
-    ledger_call,
     principal_of,
     principal_proto,
 )
@@ -376,9 +376,7 @@ class Ticker:
         if not run_id:
             return ""
         try:
-            got = await ledger_call(
-                self.store.runs.ledger.GetRun(ledger_pb2.GetRunRequest(run_id=run_id))
-            )
+            got = await rpc(self.store.runs.ledger.GetRun(ledger_pb2.GetRunRequest(run_id=run_id)))
         except NotFound:
             return ""
         return "" if got.run.state in TERMINAL_STATES else run_id

@@ -24,8 +24,8 @@ from nats.aio.subscription import Subscription
 from stepline.api.common.v1 import common_pb2, run_pb2
 from stepline.api.events.v1 import events_pb2
 from stepline.api.ledger.v1 import ledger_pb2
+from stepline.common.client import rpc
 from stepline.common.jetstream import Streams
-from stepline.scheduler.scheduler_service import ledger_call
 
 if TYPE_CHECKING:
     from stepline.api.ledger.v1.ledger_pb2_grpc import LedgerServiceAsyncStub
@@ -71,7 +71,7 @@ class RunWatcher:
         """Events of ``run_id`` after ``after_sequence``, ending after the terminal one."""
         sub = await self._nc.subscribe(self._streams.subject("events", "*", run_id))
         try:
-            got = await ledger_call(
+            got = await rpc(
                 self._ledger.GetRun(
                     ledger_pb2.GetRunRequest(run_id=run_id, view=run_pb2.RUN_VIEW_BASIC)
                 )
@@ -117,7 +117,7 @@ class RunWatcher:
 
     async def _history(self, run_id: str, after: int) -> AsyncIterator[run_pb2.RunEvent]:
         while True:
-            page = await ledger_call(
+            page = await rpc(
                 self._ledger.GetRunHistory(
                     ledger_pb2.GetRunHistoryRequest(
                         run_id=run_id, after_sequence=after, page_size=HISTORY_PAGE

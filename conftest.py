@@ -1,3 +1,3 @@
-"""Fixtures shared by every test in the repository (real PostgreSQL, NATS, ...)."""
+"""Fixtures shared by every test in the repository (real PostgreSQL, NATS, adb, ...)."""
 
-pytest_plugins = ["stepline.common.testing"]
+pytest_plugins = ["stepline.common.testing", "stepline.phone.testing"]

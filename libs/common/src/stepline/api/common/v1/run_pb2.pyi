@@ -109,6 +109,14 @@ class _RunEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunEvent
     """A job was (re)published for the run or a chunk."""
     RUN_EVENT_TYPE_CONTROL_REQUESTED: _RunEventType.ValueType  # 10
     """An operator asked to cancel, pause or resume the run."""
+    RUN_EVENT_TYPE_ARTIFACT_RECORDED: _RunEventType.ValueType  # 11
+    """An attempt stored an artifact (payload: artifact id, name, content type,
+    size, sha256).
+    """
+    RUN_EVENT_TYPE_APPROVAL_DECISION_RECORDED: _RunEventType.ValueType  # 12
+    """A person decided on the approval request of a GOVERN task (payload:
+    approval id, outcome, reason, channel, the request's state after it).
+    """
 
 class RunEventType(_RunEventType, metaclass=_RunEventTypeEnumTypeWrapper):
     """Kind of a RunEvent."""
@@ -135,6 +143,14 @@ RUN_EVENT_TYPE_DISPATCHED: RunEventType.ValueType  # 9
 """A job was (re)published for the run or a chunk."""
 RUN_EVENT_TYPE_CONTROL_REQUESTED: RunEventType.ValueType  # 10
 """An operator asked to cancel, pause or resume the run."""
+RUN_EVENT_TYPE_ARTIFACT_RECORDED: RunEventType.ValueType  # 11
+"""An attempt stored an artifact (payload: artifact id, name, content type,
+size, sha256).
+"""
+RUN_EVENT_TYPE_APPROVAL_DECISION_RECORDED: RunEventType.ValueType  # 12
+"""A person decided on the approval request of a GOVERN task (payload:
+approval id, outcome, reason, channel, the request's state after it).
+"""
 Global___RunEventType: _TypeAlias = RunEventType  # noqa: Y015
 
 @_typing.final
@@ -362,6 +378,7 @@ class TaskRun(_message.Message):
     CHILD_RUN_ID_FIELD_NUMBER: _builtins.int
     CHILD_WORKFLOW_VERSION_FIELD_NUMBER: _builtins.int
     APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    ARTIFACTS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Deterministic id: `<run_id>/<step_path>`. Treat as opaque."""
     run_id: _builtins.str
@@ -416,6 +433,12 @@ class TaskRun(_message.Message):
     def chunk_counts(self) -> Global___ChunkCounts:
         """Chunk states of a chunked step; unset for other kinds."""
 
+    @_builtins.property
+    def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Artifact]:
+        """Files kept with the task's record (e.g. screenshots), oldest first;
+        content through LedgerService.GetArtifact.
+        """
+
     def __init__(
         self,
         *,
@@ -437,14 +460,79 @@ class TaskRun(_message.Message):
         child_run_id: _builtins.str = ...,
         child_workflow_version: _builtins.int = ...,
         approval_id: _builtins.str = ...,
+        artifacts: _abc.Iterable[Global___Artifact] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk_counts", b"chunk_counts", "create_time", b"create_time", "end_time", b"end_time", "failure", b"failure", "output", b"output", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "attempts", b"attempts", "child_run_id", b"child_run_id", "child_workflow_version", b"child_workflow_version", "chunk_counts", b"chunk_counts", "create_time", b"create_time", "end_time", b"end_time", "failure", b"failure", "kind", b"kind", "ordinal", b"ordinal", "output", b"output", "run_id", b"run_id", "start_time", b"start_time", "state", b"state", "step_id", b"step_id", "step_path", b"step_path", "task_id", b"task_id", "verb", b"verb"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "artifacts", b"artifacts", "attempts", b"attempts", "child_run_id", b"child_run_id", "child_workflow_version", b"child_workflow_version", "chunk_counts", b"chunk_counts", "create_time", b"create_time", "end_time", b"end_time", "failure", b"failure", "kind", b"kind", "ordinal", b"ordinal", "output", b"output", "run_id", b"run_id", "start_time", b"start_time", "state", b"state", "step_id", b"step_id", "step_path", b"step_path", "task_id", b"task_id", "verb", b"verb"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskRun: _TypeAlias = TaskRun  # noqa: Y015
+
+@_typing.final
+class Artifact(_message.Message):
+    """A file produced by an attempt of a task or chunk and kept with its record
+    (e.g. a screenshot of the device the step drove).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    CHUNK_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_NUMBER_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    artifact_id: _builtins.str
+    """Identifier: `<task_id>:<attempt_number>:<name>` (or the chunk id in place
+    of the task id). Treat as opaque.
+    """
+    run_id: _builtins.str
+    """Run of the task."""
+    task_id: _builtins.str
+    """Task that produced it."""
+    chunk_id: _builtins.str
+    """Chunk that produced it, if any."""
+    attempt_number: _builtins.int
+    """Attempt that produced it."""
+    name: _builtins.str
+    """Name, unique within the attempt, e.g. `screenshot-1.png`."""
+    content_type: _builtins.str
+    """MIME type, e.g. `image/png`."""
+    size_bytes: _builtins.int
+    """Size of the content."""
+    sha256: _builtins.str
+    """Hex SHA-256 of the content."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was stored."""
+
+    def __init__(
+        self,
+        *,
+        artifact_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        chunk_id: _builtins.str = ...,
+        attempt_number: _builtins.int = ...,
+        name: _builtins.str = ...,
+        content_type: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "attempt_number", b"attempt_number", "chunk_id", b"chunk_id", "content_type", b"content_type", "create_time", b"create_time", "name", b"name", "run_id", b"run_id", "sha256", b"sha256", "size_bytes", b"size_bytes", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Artifact: _TypeAlias = Artifact  # noqa: Y015
 
 @_typing.final
 class ChunkCounts(_message.Message):
@@ -522,6 +610,7 @@ class ChunkRun(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     CLAIM_FIELD_NUMBER: _builtins.int
     DISPATCH_EPOCH_FIELD_NUMBER: _builtins.int
+    ARTIFACTS_FIELD_NUMBER: _builtins.int
     chunk_id: _builtins.str
     """Deterministic id: `<task_id>#<index>`. Treat as opaque."""
     task_id: _builtins.str
@@ -566,6 +655,10 @@ class ChunkRun(_message.Message):
     def claim(self) -> Global___Claim:
         """Current or last claim of this chunk (chunks are claimed on their own)."""
 
+    @_builtins.property
+    def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Artifact]:
+        """Files kept with the chunk's record (e.g. screenshots), oldest first."""
+
     def __init__(
         self,
         *,
@@ -583,10 +676,11 @@ class ChunkRun(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         claim: Global___Claim | None = ...,
         dispatch_epoch: _builtins.int = ...,
+        artifacts: _abc.Iterable[Global___Artifact] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["claim", b"claim", "create_time", b"create_time", "end_time", b"end_time", "failure", b"failure", "output", b"output", "record", b"record", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "chunk_id", b"chunk_id", "claim", b"claim", "create_time", b"create_time", "dispatch_epoch", b"dispatch_epoch", "end_time", b"end_time", "failure", b"failure", "index", b"index", "output", b"output", "record", b"record", "run_id", b"run_id", "start_time", b"start_time", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempts", b"attempts", "chunk_id", b"chunk_id", "claim", b"claim", "create_time", b"create_time", "dispatch_epoch", b"dispatch_epoch", "end_time", b"end_time", "failure", b"failure", "index", b"index", "output", b"output", "record", b"record", "run_id", b"run_id", "start_time", b"start_time", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

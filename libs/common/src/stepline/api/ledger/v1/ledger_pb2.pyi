@@ -1634,3 +1634,219 @@ class DurationStats(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DurationStats: _TypeAlias = DurationStats  # noqa: Y015
+
+@_typing.final
+class PutArtifactRequest(_message.Message):
+    """Request of LedgerService.PutArtifact."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    CHUNK_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    ATTEMPT_NUMBER_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key (e.g. `<task_id>:<attempt>:<name>`)."""
+    run_id: _builtins.str
+    """Run of the task."""
+    task_id: _builtins.str
+    """Task the artifact belongs to."""
+    chunk_id: _builtins.str
+    """Chunk the artifact belongs to, if any (then epoch is the chunk claim's)."""
+    epoch: _builtins.int
+    """Epoch of the caller's live claim (of the chunk when chunk_id is set)."""
+    attempt_number: _builtins.int
+    """Attempt that produced it."""
+    name: _builtins.str
+    """Name, unique within the attempt; letters, digits, `.`, `-`, `_`."""
+    content_type: _builtins.str
+    """MIME type, e.g. `image/png`."""
+    content: _builtins.bytes
+    """Content; at most 8 MiB."""
+    @_builtins.property
+    def actor(self) -> _common_pb2.Principal:
+        """Who stores it."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        chunk_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        attempt_number: _builtins.int = ...,
+        name: _builtins.str = ...,
+        content_type: _builtins.str = ...,
+        content: _builtins.bytes = ...,
+        actor: _common_pb2.Principal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "attempt_number", b"attempt_number", "chunk_id", b"chunk_id", "content", b"content", "content_type", b"content_type", "epoch", b"epoch", "name", b"name", "request_id", b"request_id", "run_id", b"run_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutArtifactRequest: _TypeAlias = PutArtifactRequest  # noqa: Y015
+
+@_typing.final
+class PutArtifactResponse(_message.Message):
+    """Response of LedgerService.PutArtifact."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def artifact(self) -> _run_pb2.Artifact:
+        """The stored artifact (without content)."""
+
+    def __init__(
+        self,
+        *,
+        artifact: _run_pb2.Artifact | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutArtifactResponse: _TypeAlias = PutArtifactResponse  # noqa: Y015
+
+@_typing.final
+class GetArtifactRequest(_message.Message):
+    """Request of LedgerService.GetArtifact."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    artifact_id: _builtins.str
+    """Artifact to return."""
+    def __init__(
+        self,
+        *,
+        artifact_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetArtifactRequest: _TypeAlias = GetArtifactRequest  # noqa: Y015
+
+@_typing.final
+class GetArtifactResponse(_message.Message):
+    """Response of LedgerService.GetArtifact."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    content: _builtins.bytes
+    """Its content."""
+    @_builtins.property
+    def artifact(self) -> _run_pb2.Artifact:
+        """The artifact's description."""
+
+    def __init__(
+        self,
+        *,
+        artifact: _run_pb2.Artifact | None = ...,
+        content: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "content", b"content"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetArtifactResponse: _TypeAlias = GetArtifactResponse  # noqa: Y015
+
+@_typing.final
+class RecordApprovalDecisionRequest(_message.Message):
+    """Request of LedgerService.RecordApprovalDecision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    APPROVAL_STATE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key (the approvals service uses the decision's id)."""
+    run_id: _builtins.str
+    """Run of the GOVERN task."""
+    task_id: _builtins.str
+    """GOVERN task the approval request belongs to."""
+    approval_id: _builtins.str
+    """Approval request decided on."""
+    outcome: _builtins.str
+    """`approved` or `rejected`."""
+    reason: _builtins.str
+    """The decider's reason."""
+    channel: _builtins.str
+    """`grpc` or `webhook`."""
+    approval_state: _builtins.str
+    """State of the approval request after the decision, e.g. `PENDING`
+    (more approvals needed), `APPROVED`, `REJECTED`.
+    """
+    @_builtins.property
+    def actor(self) -> _common_pb2.Principal:
+        """Who decided."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        approval_id: _builtins.str = ...,
+        actor: _common_pb2.Principal | None = ...,
+        outcome: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        channel: _builtins.str = ...,
+        approval_state: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "approval_id", b"approval_id", "approval_state", b"approval_state", "channel", b"channel", "outcome", b"outcome", "reason", b"reason", "request_id", b"request_id", "run_id", b"run_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordApprovalDecisionRequest: _TypeAlias = RecordApprovalDecisionRequest  # noqa: Y015
+
+@_typing.final
+class RecordApprovalDecisionResponse(_message.Message):
+    """Response of LedgerService.RecordApprovalDecision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> _run_pb2.RunEvent:
+        """The appended event."""
+
+    def __init__(
+        self,
+        *,
+        event: _run_pb2.RunEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordApprovalDecisionResponse: _TypeAlias = RecordApprovalDecisionResponse  # noqa: Y015

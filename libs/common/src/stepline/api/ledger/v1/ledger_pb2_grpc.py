@@ -124,6 +124,21 @@ class LedgerServiceStub:
                 request_serializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.PutArtifact = channel.unary_unary(
+                '/stepline.api.ledger.v1.LedgerService/PutArtifact',
+                request_serializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.PutArtifactRequest.SerializeToString,
+                response_deserializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.PutArtifactResponse.FromString,
+                _registered_method=True)
+        self.GetArtifact = channel.unary_unary(
+                '/stepline.api.ledger.v1.LedgerService/GetArtifact',
+                request_serializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.GetArtifactRequest.SerializeToString,
+                response_deserializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.GetArtifactResponse.FromString,
+                _registered_method=True)
+        self.RecordApprovalDecision = channel.unary_unary(
+                '/stepline.api.ledger.v1.LedgerService/RecordApprovalDecision',
+                request_serializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.RecordApprovalDecisionRequest.SerializeToString,
+                response_deserializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.RecordApprovalDecisionResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -263,6 +278,31 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutArtifact(self, request, context):
+        """Stores a file produced by the current attempt of a task or chunk (e.g. a
+        screenshot) with its record, under the caller's live claim. Idempotent on
+        request_id; INVALID_ARGUMENT for an empty name or content over the limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetArtifact(self, request, context):
+        """One artifact with its content.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordApprovalDecision(self, request, context):
+        """Appends an approval decision to the run's history (no state change); the
+        approvals service calls it for every decision it records. Idempotent on
+        request_id. FAILED_PRECONDITION unless the task is a GOVERN task.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -350,6 +390,21 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.GetStatsRequest.FromString,
                     response_serializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'PutArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutArtifact,
+                    request_deserializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.PutArtifactRequest.FromString,
+                    response_serializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.PutArtifactResponse.SerializeToString,
+            ),
+            'GetArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetArtifact,
+                    request_deserializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.GetArtifactRequest.FromString,
+                    response_serializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.GetArtifactResponse.SerializeToString,
+            ),
+            'RecordApprovalDecision': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordApprovalDecision,
+                    request_deserializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.RecordApprovalDecisionRequest.FromString,
+                    response_serializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.RecordApprovalDecisionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -816,6 +871,87 @@ class LedgerService:
             '/stepline.api.ledger.v1.LedgerService/GetStats',
             stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.GetStatsRequest.SerializeToString,
             stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stepline.api.ledger.v1.LedgerService/PutArtifact',
+            stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.PutArtifactRequest.SerializeToString,
+            stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.PutArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stepline.api.ledger.v1.LedgerService/GetArtifact',
+            stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.GetArtifactRequest.SerializeToString,
+            stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.GetArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordApprovalDecision(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stepline.api.ledger.v1.LedgerService/RecordApprovalDecision',
+            stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.RecordApprovalDecisionRequest.SerializeToString,
+            stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.RecordApprovalDecisionResponse.FromString,
             options,
             channel_credentials,
             insecure,

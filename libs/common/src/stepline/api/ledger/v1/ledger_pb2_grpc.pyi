@@ -92,6 +92,18 @@ class LedgerServiceStub:
     """A run's event log, by sequence."""
     GetStats: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetStatsRequest, _ledger_pb2.GetStatsResponse]
     """Aggregate figures over a time window."""
+    PutArtifact: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.PutArtifactRequest, _ledger_pb2.PutArtifactResponse]
+    """Stores a file produced by the current attempt of a task or chunk (e.g. a
+    screenshot) with its record, under the caller's live claim. Idempotent on
+    request_id; INVALID_ARGUMENT for an empty name or content over the limit.
+    """
+    GetArtifact: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetArtifactRequest, _ledger_pb2.GetArtifactResponse]
+    """One artifact with its content."""
+    RecordApprovalDecision: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RecordApprovalDecisionRequest, _ledger_pb2.RecordApprovalDecisionResponse]
+    """Appends an approval decision to the run's history (no state change); the
+    approvals service calls it for every decision it records. Idempotent on
+    request_id. FAILED_PRECONDITION unless the task is a GOVERN task.
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -154,6 +166,18 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """A run's event log, by sequence."""
     GetStats: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetStatsRequest, _ledger_pb2.GetStatsResponse]  # type: ignore[assignment]
     """Aggregate figures over a time window."""
+    PutArtifact: _aio.UnaryUnaryMultiCallable[_ledger_pb2.PutArtifactRequest, _ledger_pb2.PutArtifactResponse]  # type: ignore[assignment]
+    """Stores a file produced by the current attempt of a task or chunk (e.g. a
+    screenshot) with its record, under the caller's live claim. Idempotent on
+    request_id; INVALID_ARGUMENT for an empty name or content over the limit.
+    """
+    GetArtifact: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetArtifactRequest, _ledger_pb2.GetArtifactResponse]  # type: ignore[assignment]
+    """One artifact with its content."""
+    RecordApprovalDecision: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RecordApprovalDecisionRequest, _ledger_pb2.RecordApprovalDecisionResponse]  # type: ignore[assignment]
+    """Appends an approval decision to the run's history (no state change); the
+    approvals service calls it for every decision it records. Idempotent on
+    request_id. FAILED_PRECONDITION unless the task is a GOVERN task.
+    """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Records runs before anything executes, fences writers by claim epoch and
@@ -315,5 +339,35 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.GetStatsResponse, _abc.Awaitable[_ledger_pb2.GetStatsResponse]]:
         """Aggregate figures over a time window."""
+
+    @_abc_1.abstractmethod
+    def PutArtifact(
+        self,
+        request: _ledger_pb2.PutArtifactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.PutArtifactResponse, _abc.Awaitable[_ledger_pb2.PutArtifactResponse]]:
+        """Stores a file produced by the current attempt of a task or chunk (e.g. a
+        screenshot) with its record, under the caller's live claim. Idempotent on
+        request_id; INVALID_ARGUMENT for an empty name or content over the limit.
+        """
+
+    @_abc_1.abstractmethod
+    def GetArtifact(
+        self,
+        request: _ledger_pb2.GetArtifactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetArtifactResponse, _abc.Awaitable[_ledger_pb2.GetArtifactResponse]]:
+        """One artifact with its content."""
+
+    @_abc_1.abstractmethod
+    def RecordApprovalDecision(
+        self,
+        request: _ledger_pb2.RecordApprovalDecisionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.RecordApprovalDecisionResponse, _abc.Awaitable[_ledger_pb2.RecordApprovalDecisionResponse]]:
+        """Appends an approval decision to the run's history (no state change); the
+        approvals service calls it for every decision it records. Idempotent on
+        request_id. FAILED_PRECONDITION unless the task is a GOVERN task.
+        """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,1 @@
+"""Stepline simulated cloud phone."""

@@ -1,0 +1,1 @@
+"""pytest fixtures for tests against the real adb server and simulated phones."""

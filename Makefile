@@ -1,5 +1,6 @@
 # Stepline: two commands on a fresh machine with Python 3.11, git and make.
-#   make demo   install into .venv, start the embedded mesh, run examples/hello.yaml
+#   make demo   install into .venv, start the embedded mesh (with two simulated phones),
+#               run examples/hello.yaml, then examples/approval.yaml with its approval
 #   make test   install into .venv and run the whole test suite
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -42,11 +43,7 @@ format: install
 	.venv/bin/ruff check --fix .
 
 demo: install
-	.venv/bin/stepline up
-	.venv/bin/stepline workflows apply examples/hello.yaml
-	.venv/bin/stepline run hello --input name=Ada --wait
-	@echo
-	@echo "The mesh runs in the background: .venv/bin/stepline status   (stop it: make down)"
+	@bash tools/demo.sh
 
 down: install
 	.venv/bin/stepline down

@@ -1,13 +1,32 @@
 """The embedded mesh, started once for the end-to-end tests of this folder.
 
-``stepline up`` as real processes (PostgreSQL, nats-server, adb, the five
-services and two executors) in a temporary state directory, with short claim
-leases and a quick reconciler so that a killed executor's run is taken over in
-seconds rather than the production half-minute.
+``stepline up`` as real processes (PostgreSQL, nats-server, adb, two
+simulated phones, the five services and two executors) in a temporary state
+directory, with short claim leases and a quick reconciler so that a killed
+executor's run is taken over in seconds rather than the production
+half-minute, and quick approval, webhook and device-broker loops.
+
+Fixtures (all session-scoped):
+
+``mesh_state`` -> :class:`stepline.cli.mesh.MeshState`
+    endpoints (``mesh_state.endpoint("approvals")``), process records, and
+    ``mesh_state.admin_token``; ``mesh_state.phones`` are the phones'
+    addresses (also their adb serials, as the broker sees them);
+    ``mesh_state.approvals_webhook`` is the URL of the inbound decision
+    webhook; ``mesh_state.secrets_file`` the approvals signing secrets.
+``mesh_tokens`` -> ``dict[str, str]``
+    bearer token by principal: ``admin`` (role admin), ``operator`` (role
+    operator), ``approver`` (role approver); the principal ids are the names.
+``webhook_secrets`` -> ``dict[str, str]``
+    the approvals service's signing secrets by name: ``inbound`` signs
+    decisions posted to the webhook, ``demo`` is free for subscriptions.
+``phone_addresses`` -> ``list[str]``
+    ``["127.0.0.1:P1", "127.0.0.1:P2"]``: the phones the broker connects.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +35,7 @@ import pytest
 from stepline.cli import mesh
 
 EXECUTORS = 2
+PHONES = 2
 
 #: settings for every service of the test mesh (defaults: 30 s lease and ack
 #: wait, a reconcile pass every 10 s, a 30 s grace before a redispatch)
@@ -27,13 +47,61 @@ FAST_RECOVERY = {
     "STEPLINE_SCHEDULER_WATCH_POLL_S": "0.5",
 }
 
+#: approvals: expiry swept twice a second, outboxes polled often, webhook
+#: retries after 0.1 s doubling to 1 s, four attempts (defaults: 5 s, 1 s,
+#: 1 s doubling to 300 s, ten attempts)
+FAST_APPROVALS = {
+    "STEPLINE_APPROVALS_SWEEP_INTERVAL_S": "0.5",
+    "STEPLINE_APPROVALS_OUTBOX_POLL_S": "0.2",
+    "STEPLINE_APPROVALS_WEBHOOK_INITIAL_BACKOFF_S": "0.1",
+    "STEPLINE_APPROVALS_WEBHOOK_MAX_BACKOFF_S": "1",
+    "STEPLINE_APPROVALS_WEBHOOK_MAX_ATTEMPTS": "4",
+    "STEPLINE_APPROVALS_WEBHOOK_TIMEOUT_S": "2",
+}
+
+#: devices: the broker scans (reconnects dropped phones) twice a second, device
+#: leases of executors last 5 s (renewed every third of that), and a step
+#: waits at most 20 s for a device (defaults: 5 s, 30 s, 60 s)
+FAST_DEVICES = {
+    "STEPLINE_BROKER_SCAN_INTERVAL_S": "0.5",
+    "STEPLINE_EXECUTOR_DEVICE_TTL_S": "5",
+    "STEPLINE_EXECUTOR_DEVICE_WAIT_S": "20",
+}
+
+MESH_SETTINGS = {**FAST_RECOVERY, **FAST_APPROVALS, **FAST_DEVICES}
+
 
 @pytest.fixture(scope="session")
 def mesh_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[mesh.MeshState]:
-    """The running mesh's state (endpoints, pids, admin token); stopped at the end."""
+    """The running mesh's state (endpoints, pids, tokens, phones); stopped at the end."""
     state_dir: Path = tmp_path_factory.mktemp("mesh")
-    state = mesh.up(state_dir, executors=EXECUTORS, env=FAST_RECOVERY, progress=lambda _msg: None)
+    state = mesh.up(
+        state_dir,
+        executors=EXECUTORS,
+        phones=PHONES,
+        env=MESH_SETTINGS,
+        progress=lambda _msg: None,
+    )
     try:
         yield state
     finally:
         mesh.down(state_dir, progress=lambda _msg: None)
+
+
+@pytest.fixture(scope="session")
+def mesh_tokens(mesh_state: mesh.MeshState) -> dict[str, str]:
+    """Bearer token by principal name: admin, operator, approver."""
+    return dict(mesh_state.tokens)
+
+
+@pytest.fixture(scope="session")
+def webhook_secrets(mesh_state: mesh.MeshState) -> dict[str, str]:
+    """The approvals service's signing secrets by name (``inbound``, ``demo``)."""
+    document = json.loads(mesh_state.secrets_file.read_text(encoding="utf-8"))
+    return {str(k): str(v) for k, v in document["secrets"].items()}
+
+
+@pytest.fixture(scope="session")
+def phone_addresses(mesh_state: mesh.MeshState) -> list[str]:
+    """The simulated phones' ``host:port`` (their adb serials)."""
+    return mesh_state.phones

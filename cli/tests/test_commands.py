@@ -26,7 +26,7 @@ from stepline.api.scheduler.v1 import scheduler_service_pb2 as spb
 from stepline.api.scheduler.v1 import scheduler_service_pb2_grpc, workflow_service_pb2_grpc
 from stepline.api.scheduler.v1 import workflow_service_pb2 as wpb
 from stepline.cli import mesh
-from stepline.cli.__main__ import run_async
+from stepline.cli.__main__ import build_parser, run_async
 from stepline.common.auth import Authenticator, Principal, current_principal
 from stepline.common.config import ServerSettings
 from stepline.common.embedded import ProcessRecord
@@ -587,3 +587,85 @@ async def test_no_scheduler_anywhere_is_an_error(
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no scheduler address: pass --scheduler HOST:PORT")
+
+
+# --- principals (--as), other services, the phone --------------------------------------
+
+
+def _mesh_credentials(state_dir: Path, address: str, tokens: dict[str, str]) -> None:
+    state = mesh.MeshState(
+        state_dir,
+        [ProcessRecord(name="scheduler", pid=1, create_time=0.0, log="", endpoint=address)],
+    )
+    state.save()
+    document = {"admin_token": tokens.get("admin", ""), "service_token": "s", "tokens": tokens}
+    (state_dir / mesh.CREDENTIALS_FILE).write_text(json.dumps(document), encoding="utf-8")
+
+
+async def test_as_picks_a_principals_token_from_the_mesh_credentials(
+    server: Server, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    server.fake.workflow_pages = [["alpha"]]
+    _mesh_credentials(tmp_path, server.address, {"admin": "wrong", "approver": TOKEN})
+    base = ["--state-dir", str(tmp_path)]
+    assert await run_async([*base, "--as", "approver", "workflows", "list"], environ={}) == 0
+    assert await run_async([*base, "workflows", "list", "--as", "approver"], environ={}) == 0
+    assert server.fake.callers == ["alice", "alice"]
+    # --as wins over STEPLINE_TOKEN; without it, STEPLINE_TOKEN over the admin token
+    environ = {"STEPLINE_TOKEN": "wrong"}
+    assert await run_async([*base, "--as", "approver", "workflows", "list"], environ=environ) == 0
+    capsys.readouterr()
+    assert await run_async([*base, "workflows", "list"], environ=environ) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert await run_async([*base, "workflows", "list"], environ={"STEPLINE_TOKEN": TOKEN}) == 0
+
+
+async def test_as_an_unknown_principal_or_with_token_is_refused_before_any_call(
+    server: Server, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    _mesh_credentials(tmp_path, server.address, {"admin": TOKEN, "approver": "a"})
+    base = ["--state-dir", str(tmp_path)]
+    credentials = tmp_path / mesh.CREDENTIALS_FILE
+    capsys.readouterr()
+    assert await run_async([*base, "--as", "nobody", "runs", "list"], environ={}) == 2
+    assert capsys.readouterr().err == (
+        f"error: --as nobody: no such principal in {credentials} (known: admin, approver)\n"
+    )
+    code = await run_async([*base, "--as", "approver", "--token", TOKEN, "runs", "list"])
+    assert code == 2
+    assert capsys.readouterr().err == "error: give --token or --as, not both\n"
+    assert server.fake.requests == []
+
+
+async def test_each_service_is_found_by_flag_variable_or_mesh_state(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    for argv, flag, variable in (
+        (["devices", "list"], "--device-broker", "STEPLINE_DEVICE_BROKER_ADDR"),
+        (["approvals", "show", "ap-1"], "--approvals", "STEPLINE_APPROVALS_ADDR"),
+        (["runs", "artifact", "a:1:x", "-o", "-"], "--ledger", "STEPLINE_LEDGER_ADDR"),
+    ):
+        code = await run_async(["--state-dir", str(tmp_path), *argv], environ={})
+        assert code == 2
+        err = capsys.readouterr().err
+        assert f"pass {flag} HOST:PORT, set {variable}, or start the mesh" in err, err
+    code = await run_async(["devices", "list", "--device-broker", "nope"], environ={})
+    assert code == 2
+    assert "the device-broker address must be host:port" in capsys.readouterr().err
+
+
+async def test_a_decision_needs_an_approval_id_or_a_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    base = ["--state-dir", str(tmp_path), "--approvals", "127.0.0.1:1", "--token", "t"]
+    for argv in (["approve"], ["approve", "ap-1", "--run", "r1"]):
+        assert await run_async([*base, "approvals", *argv], environ={}) == 2
+        assert "give its ID or --run RUN_ID (not both)" in capsys.readouterr().err
+    assert await run_async([*base, "approvals", "reject", "ap-1"], environ={}) == 2
+    assert "the following arguments are required: --reason" in capsys.readouterr().err
+
+
+def test_phone_arguments_go_to_the_phone_untouched() -> None:
+    args = build_parser().parse_args(["phone", "--port", "5555", "--serial-name", "p1"])
+    assert args.argv == ["--port", "5555", "--serial-name", "p1"]
+    assert build_parser().parse_args(["phone", "--help"]).argv == ["--help"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,13 @@ from stepline.api.common.v1 import workflow_pb2
 from stepline.api.events.v1 import events_pb2
 from stepline.api.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from stepline.cli import mesh
+from stepline.common.auth import Authenticator, Principal
 from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings
 from stepline.common.embedded import ProcessRecord, group_alive, postgres_dsn
 from stepline.common.jetstream import Streams, connect
 
-EXPECTED = {"postgres", "nats", "adb", *mesh.SERVICES}
+EXPECTED = {"postgres", "nats", "adb", "phone-1", "phone-2", *mesh.SERVICES}
 
 
 def stepline(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -116,6 +118,18 @@ def test_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
 
         state = mesh.MeshState.load(state_dir)
         assert state is not None
+        # Two phones (the default) listen where the state says; the approvals
+        # webhook has its own port, shown by `status`.
+        assert len(state.phones) == 2 and all(_accepts(p) for p in state.phones)
+        webhook = state.approvals_webhook
+        assert webhook.startswith("http://127.0.0.1:") and webhook.endswith("/v1/decisions")
+        assert f"approvals webhook: {webhook}" in stepline(state_dir, "status").stdout
+        # Private files: every principal's token, and the webhook signing secrets.
+        assert set(state.tokens) == {"admin", "operator", "approver"}
+        for name in (mesh.CREDENTIALS_FILE, mesh.SECRETS_FILE, "service.token"):
+            assert (state_dir / name).stat().st_mode & 0o777 == 0o600, name
+        secrets = json.loads(state.secrets_file.read_text(encoding="utf-8"))["secrets"]
+        assert set(secrets) == {"inbound", "demo"}
         # Every service authenticates: a wrong token is refused, the admin's accepted.
         ledger = state.endpoint("ledger")
         assert asyncio.run(_ledger_answers_with_auth(ledger, "nope")) == (
@@ -142,17 +156,48 @@ def test_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
     assert _processes_under(state_dir) == []
     assert stepline(state_dir, "status").returncode == 1
 
-    # A restart keeps the data written before.
-    restarted = stepline(state_dir, "up")
+    # A restart keeps the data written before, the tokens, the secrets and
+    # (their ports being free) the phones' addresses, so device serials stay.
+    restarted = stepline(state_dir, "up", "--phones", "1")
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     try:
-        state = mesh.MeshState.load(state_dir)
-        assert state is not None
-        postgres = next(c for c in state.components if c.name == "postgres")
+        second = mesh.MeshState.load(state_dir)
+        assert second is not None
+        postgres = next(c for c in second.components if c.name == "postgres")
         assert asyncio.run(_read_marker(postgres_dsn(postgres.port, mesh.DATABASE))) == ["kept"]
+        assert second.tokens == state.tokens
+        assert json.loads(second.secrets_file.read_text(encoding="utf-8"))["secrets"] == secrets
+        assert second.phones == state.phones[:1]
+        assert second.approvals_webhook == webhook
     finally:
         assert stepline(state_dir, "down").returncode == 0
     assert _processes_under(state_dir) == []
+
+
+def _accepts(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def test_credentials_of_an_older_mesh_gain_the_new_principals(tmp_path: Path) -> None:
+    old = {"admin_token": "admin-secret", "service_token": "service-secret"}
+    (tmp_path / mesh.CREDENTIALS_FILE).write_text(json.dumps(old), encoding="utf-8")
+    tokens, auth_file, token_file = mesh._credentials(tmp_path)
+    assert tokens["admin"] == "admin-secret" and token_file.read_text() == "service-secret"
+    assert set(tokens) == {"admin", "operator", "approver"}
+    assert len({tokens["operator"], tokens["approver"], "admin-secret"}) == 3
+    document = json.loads((tmp_path / mesh.CREDENTIALS_FILE).read_text(encoding="utf-8"))
+    assert document["admin_token"] == "admin-secret"  # the field older clients read
+    assert mesh.read_tokens(tmp_path / mesh.CREDENTIALS_FILE) == tokens
+    principals = Authenticator.from_file(auth_file)
+    assert principals.authenticate([("authorization", f"Bearer {tokens['approver']}")]) == (
+        Principal("approver", frozenset({"approver"}))
+    )
+    assert mesh._credentials(tmp_path)[0] == tokens  # written once
 
 
 def test_down_without_a_mesh_says_so(tmp_path: Path) -> None:

@@ -12,9 +12,13 @@ import pytest
 from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from stepline.api.approvals.v1 import approvals_pb2 as apb
 from stepline.api.common.v1 import common_pb2, run_pb2, workflow_pb2
+from stepline.api.device_broker.v1 import device_broker_pb2 as dpb
 from stepline.api.scheduler.v1 import workflow_service_pb2 as wpb
 from stepline.cli import output
+from stepline.cli.approvals import parse_state as parse_approval_state
+from stepline.cli.devices import parse_state as parse_device_state
 from stepline.cli.inputs import parse_inputs, parse_labels, parse_value
 from stepline.cli.runs import parse_state
 from stepline.cli.workflows import source_format
@@ -354,3 +358,212 @@ def test_a_reason_already_in_the_failure_is_not_repeated() -> None:
         failure={"reason": "FAILURE_REASON_CANCELLED", "message": "wrong input"},
     )
     assert output.event_detail(ended) == "PENDING -> CANCELLED: CANCELLED: wrong input"
+
+
+# --- artifacts, waiting, devices, approvals ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (12_595, "12.3 KiB"), (5 << 20, "5.0 MiB")],
+)
+def test_sizes_are_short(count: int, text: str) -> None:
+    assert output.size(count) == text
+
+
+def _govern_run() -> run_pb2.WorkflowRun:
+    run = run_pb2.WorkflowRun(run_id="r3", state=common_pb2.WORKFLOW_RUN_STATE_SUSPENDED)
+    shot = run.tasks.add(
+        step_id="shot",
+        step_path="shot",
+        kind=workflow_pb2.STEP_KIND_ATOMIC,
+        state=common_pb2.TASK_RUN_STATE_SUCCEEDED,
+    )
+    shot.artifacts.add(
+        artifact_id="r3/shot:1:screen.png",
+        attempt_number=1,
+        name="screen.png",
+        content_type="image/png",
+        size_bytes=12_595,
+    )
+    run.tasks.add(
+        step_id="ask",
+        step_path="ask",
+        kind=workflow_pb2.STEP_KIND_GOVERN,
+        state=common_pb2.TASK_RUN_STATE_SUSPENDED,
+        approval_id="ap-1",
+    )
+    return run
+
+
+def test_timeline_lists_artifacts_and_the_approval_a_step_waits_for() -> None:
+    lines = output.timeline(_govern_run(), now=T0).splitlines()
+    ask = next(line for line in lines if line.startswith("ask "))
+    assert ask.split()[:3] == ["ask", "govern", "SUSPENDED"]
+    assert ask.endswith("approval ap-1")
+    start = lines.index(next(line for line in lines if line.startswith("STEP  ATTEMPT")))
+    assert lines[start].split() == ["STEP", "ATTEMPT", "NAME", "TYPE", "SIZE", "ARTIFACT"]
+    assert lines[start + 1].split() == [
+        "shot", "1", "screen.png", "image/png", "12.3", "KiB", "r3/shot:1:screen.png"
+    ]  # fmt: skip
+    assert "ARTIFACT" not in output.timeline(_run(), now=T0)
+
+
+def test_wait_outcome_names_the_approval_of_a_suspended_run() -> None:
+    assert output.wait_outcome(_govern_run(), now=T0).splitlines() == [
+        "run r3 SUSPENDED",
+        "  step ask waits for approval ap-1: stepline approvals show ap-1",
+    ]
+    assert output.wait_outcome(_run(), now=T0) == (
+        "run r1 FAILED in 1m34s: CHUNK_FAILURES: 2 chunks failed"
+    )
+    paused = run_pb2.WorkflowRun(run_id="r4", state=common_pb2.WORKFLOW_RUN_STATE_PAUSED)
+    assert output.wait_outcome(paused, now=T0) == "run r4 PAUSED"
+
+
+def _device() -> dpb.Device:
+    device = dpb.Device(
+        serial="127.0.0.1:5555",
+        adb_server="127.0.0.1:5037",
+        model="Pixel 7",
+        product="stepline_sim",
+        pool="default",
+        state=common_pb2.DEVICE_STATE_LEASED,
+        bound_account="acme",
+        cleanup_profile="standard",
+        last_seen_time=ts(0),
+    )
+    device.lease.CopyFrom(
+        dpb.Lease(
+            lease_id="l-9",
+            serial=device.serial,
+            token=7,
+            holder=dpb.LeaseHolder(executor_id="executor-1", run_id="r1", task_id="r1/post"),
+            grant_time=ts(0),
+            expire_time=ts(25),
+        )
+    )
+    device.health.CopyFrom(dpb.HealthReport(healthy=True, check_time=ts(-5)))
+    device.health.checks.add(name="boot_completed", passed=True, message="1")
+    device.health.checks.add(name="storage_free", passed=True, message="6144 MB free")
+    return device
+
+
+def test_device_rows_show_state_health_account_and_lease() -> None:
+    quarantined = dpb.Device(
+        serial="127.0.0.1:5557", state=common_pb2.DEVICE_STATE_QUARANTINED, model="Pixel 7"
+    )
+    quarantined.health.check_time.CopyFrom(ts(0))
+    quarantined.health.checks.add(name="battery", passed=False, message="5%")
+    lines = output.device_rows([_device(), quarantined, dpb.Device(serial="x")]).splitlines()
+    assert lines[0].split() == ["SERIAL", "STATE", "MODEL", "POOL", "HEALTH", "ACCOUNT", "LEASE"]
+    assert lines[1].split() == [
+        "127.0.0.1:5555", "LEASED", "Pixel", "7", "default", "ok", "acme", "r1/post", "(token", "7)"
+    ]  # fmt: skip
+    assert "failed: battery" in lines[2]
+    assert lines[3].split() == ["x", "UNSPECIFIED", "-", "-", "-", "-", "-"]
+
+
+def test_device_detail_shows_the_lease_the_checks_and_quarantine_evidence() -> None:
+    text = output.device_detail(_device(), now=T0)
+    assert "device:      127.0.0.1:5555" in text
+    assert "model:       Pixel 7 / stepline_sim" in text
+    assert "  expires:   2025-03-01 12:00:25Z (in 25.0s)" in text
+    assert "  executor:  executor-1" in text
+    assert "health:  healthy, checked 2025-03-01 11:59:55Z" in text
+    assert any(
+        line.split() == ["storage_free", "pass", "6144", "MB", "free"] for line in text.splitlines()
+    )
+    assert "quarantine" not in text
+
+    device = dpb.Device(serial="s", state=common_pb2.DEVICE_STATE_QUARANTINED)
+    device.quarantine.reason = "cleanup_failed"
+    device.quarantine.actor.id = "system:device-broker"
+    device.quarantine.quarantine_time.CopyFrom(ts(60))
+    device.quarantine.evidence.update({"failed_checks": ["storage_free"], "output": "rm: busy"})
+    text = output.device_detail(device, now=T0)
+    assert "health:  not checked yet" in text
+    assert text.endswith(
+        "quarantine:\n"
+        "  reason:  cleanup_failed\n"
+        "  by:      system:device-broker\n"
+        "  since:   2025-03-01 12:01:00Z\n"
+        "  evidence:\n"
+        '    failed_checks: ["storage_free"]\n'
+        '    output: "rm: busy"'
+    )
+
+
+def _approval() -> apb.Approval:
+    approval = apb.Approval(
+        approval_id="ap-1",
+        run_id="r1",
+        task_id="r1/ask",
+        step_id="ask",
+        workflow_name="payout",
+        state=apb.APPROVAL_STATE_PENDING,
+        create_time=ts(0),
+        expire_time=ts(3600),
+    )
+    policy = approval.policy
+    policy.approver_roles.append("approver")
+    policy.approver_principals.append("user:carol")
+    policy.required_approvals = 2
+    policy.expiry.FromSeconds(3600)
+    policy.expiry_outcome = workflow_pb2.APPROVAL_EXPIRY_OUTCOME_FAILED
+    approval.initiator.id = "operator"
+    approval.context.update({"inputs.amount": 120})
+    decision = approval.decisions.add(
+        outcome=apb.DECISION_OUTCOME_APPROVED,
+        reason="looks right",
+        decide_time=ts(60),
+        channel=apb.DECISION_CHANNEL_GRPC,
+    )
+    decision.actor.id = "approver"
+    return approval
+
+
+def test_approval_rows_show_votes_and_expiry() -> None:
+    lines = output.approval_rows([_approval()], now=T0).splitlines()
+    assert lines[0].split() == [
+        "APPROVAL", "STATE", "VOTES", "WORKFLOW", "STEP", "RUN", "CREATED", "EXPIRES"
+    ]  # fmt: skip
+    assert lines[1].split()[:6] == ["ap-1", "PENDING", "1/2", "payout", "ask", "r1"]
+    assert lines[1].endswith("2025-03-01 13:00:00Z (in 1h00m)")
+
+
+def test_approval_detail_shows_policy_context_and_decisions() -> None:
+    text = output.approval_detail(_approval(), now=T0)
+    assert "votes:      1/2" in text
+    assert "initiator:  operator" in text
+    assert (
+        "policy:     2 approvals from role approver or principal user:carol; "
+        "initiator may not approve; expires after 1h00m (FAILED)"
+    ) in text
+    assert "context:\n  inputs.amount: 120\n" in text
+    table_lines = text.splitlines()[-2:]
+    assert table_lines[0].split() == ["TIME", "ACTOR", "DECISION", "CHANNEL", "REASON"]
+    assert table_lines[1].split()[2:] == ["approver", "APPROVED", "grpc", "looks", "right"]
+
+    bare = apb.Approval(approval_id="ap-2", state=apb.APPROVAL_STATE_EXPIRED)
+    text = output.approval_detail(bare, now=T0)
+    assert "policy:    1 approval from admins; initiator may not approve" in text
+    assert "expires:   never" in text
+    assert text.endswith("context: (none)\n\nno decisions yet")
+
+
+def test_decided_says_whether_more_approvals_are_needed() -> None:
+    approval = _approval()
+    assert output.decided(approval) == "approval ap-1 PENDING (1/2 approvals; more are needed)"
+    approval.state = apb.APPROVAL_STATE_APPROVED
+    assert output.decided(approval) == "approval ap-1 APPROVED (1/2 approvals), run r1"
+
+
+def test_device_and_approval_states_from_arguments() -> None:
+    assert parse_device_state("quarantined") == common_pb2.DEVICE_STATE_QUARANTINED
+    assert parse_device_state("DEVICE_STATE_OFFLINE") == common_pb2.DEVICE_STATE_OFFLINE
+    with pytest.raises(argparse.ArgumentTypeError, match="one of: available, leased"):
+        parse_device_state("busy")
+    assert parse_approval_state("pending") == apb.APPROVAL_STATE_PENDING
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown approval state 'done'"):
+        parse_approval_state("done")

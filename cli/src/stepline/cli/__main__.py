@@ -3,11 +3,14 @@
 stepline up | status | down                       the embedded mesh (mesh.py)
 stepline workflows apply | list | show            definitions (workflows.py)
 stepline run WORKFLOW                             start a run (runs.py)
-stepline runs list | show | history | cancel | pause | resume | rerun
+stepline runs list | show | history | wait | artifact | cancel | pause | resume | rerun
+stepline devices list | show | quarantine | release | bind | unbind   (devices.py)
+stepline approvals list | show | approve | reject                     (approvals.py)
+stepline phone ...                                a simulated phone (stepline.phone)
 
-Client commands exit 0 on success, 1 when ``run --wait`` saw the run end
-other than SUCCEEDED, and 2 on an error (gRPC status, bad arguments, no
-scheduler). See docs/cli.md.
+Client commands exit 0 on success, 1 when ``run --wait`` or ``runs wait`` saw
+the run end otherwise than waited for, and 2 on an error (gRPC status, bad
+arguments, no service address). See docs/cli.md.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ from pathlib import Path
 
 import grpc
 
-from stepline.cli import mesh, runs, workflows
-from stepline.cli.connect import ClientOptions, Scheduler, connect
+from stepline.cli import approvals, devices, mesh, runs, workflows
+from stepline.cli.connect import ALL_SERVICES, ClientOptions, Clients
 from stepline.common.config import Env
 from stepline.common.errors import SteplineError
 
-ClientCommand = Callable[[argparse.Namespace, Scheduler], Awaitable[int]]
+ClientCommand = Callable[[argparse.Namespace, Clients], Awaitable[int]]
 EXIT_ERROR = 2
+DEMO_PHONES = 2
 
 
 def _state_dir(value: str | None, environ: Mapping[str, str] | None = None) -> Path:
@@ -48,7 +52,12 @@ def _print_status(state_dir: Path, *, as_json: bool) -> int:
         for h in health:
             verdict = "healthy" if h.healthy else ("unhealthy" if h.alive else "stopped")
             print(f"{h.name:<{width}}  {verdict:<9}  {h.pid:>7}  {h.endpoint}")
-        print(f"\nlogs: {state_dir.resolve() / 'logs'}")
+        print()
+        webhook = next((h.extra["webhook_url"] for h in health if "webhook_url" in h.extra), "")
+        if webhook:
+            print(f"approvals webhook: {webhook}")
+            print(f"  (signing secrets: {state_dir.resolve() / mesh.SECRETS_FILE})")
+        print(f"logs: {state_dir.resolve() / 'logs'}")
     return 0 if health and all(h.healthy for h in health) else 1
 
 
@@ -57,12 +66,24 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.executors < 1:
         print("error: --executors must be at least 1", file=sys.stderr)
         return 2
-    mesh.up(state_dir, executors=args.executors)
+    if args.phones < 0:
+        print("error: --phones must not be negative", file=sys.stderr)
+        return 2
+    state = mesh.up(state_dir, executors=args.executors, phones=args.phones)
     print()
     code = _print_status(state_dir, as_json=False)
     print(f"state: {state_dir.resolve() / mesh.STATE_FILE}")
-    print(f"admin token: {state_dir.resolve() / mesh.CREDENTIALS_FILE}")
+    names = ", ".join(sorted(state.tokens))
+    credentials = state_dir.resolve() / mesh.CREDENTIALS_FILE
+    print(f"tokens: {credentials} ({names}; the CLI uses admin unless --as NAME)")
     return code
+
+
+def cmd_phone(args: argparse.Namespace) -> int:
+    """``stepline phone ...``: ``python -m stepline.phone ...``."""
+    from stepline.phone.__main__ import main as phone_main
+
+    return phone_main(args.argv)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -84,17 +105,25 @@ def _client_options() -> argparse.ArgumentParser:
 
 
 def _connection_options(parser: argparse.ArgumentParser, *, default: object) -> None:
-    parser.add_argument(
-        "--scheduler",
-        metavar="HOST:PORT",
-        default=default,
-        help="scheduler address (default: $STEPLINE_SCHEDULER_ADDR, else the mesh "
-        "started by `stepline up`)",
-    )
+    for service in ALL_SERVICES:
+        parser.add_argument(
+            service.flag,
+            metavar="HOST:PORT",
+            default=default,
+            help=f"{service.name} address (default: $STEPLINE_{service.variable}, else the "
+            "mesh started by `stepline up`)",
+        )
     parser.add_argument(
         "--token",
         default=default,
         help="bearer token (default: $STEPLINE_TOKEN, else the admin token of `stepline up`)",
+    )
+    parser.add_argument(
+        "--as",
+        dest="as_principal",
+        metavar="NAME",
+        default=default,
+        help="use the token of principal NAME of `stepline up` (admin, operator, approver)",
     )
     parser.add_argument(
         "--timeout",
@@ -159,6 +188,9 @@ def _add_run_command(
         action="store_true",
         help="follow the run to its end; exit 0 only if it SUCCEEDED, else 1",
     )
+    run.add_argument(
+        "-q", "--quiet", action="store_true", help="print only the run id (for scripts)"
+    )
     run.set_defaults(client=runs.start)
 
 
@@ -188,6 +220,34 @@ def _add_runs_commands(
         command.set_defaults(client=handler)
     history = sub.choices["history"]
     history.add_argument("--follow", action="store_true", help="keep streaming until it ends")
+    wait = sub.add_parser(
+        "wait",
+        parents=[common],
+        help="wait until a run is suspended (for an approval), paused or ended",
+    )
+    wait.add_argument("run_id")
+    wait.add_argument(
+        "--until",
+        choices=sorted(runs.UNTIL),
+        default="terminal",
+        help="terminal (default: exit 0 only if it SUCCEEDED), suspended or paused; "
+        "exit 1 if the run ended otherwise",
+    )
+    wait.add_argument(
+        "--max-wait",
+        type=float,
+        metavar="SECONDS",
+        help="give up (exit 1) after this long (default: wait as long as it takes)",
+    )
+    wait.set_defaults(client=runs.wait)
+    artifact = sub.add_parser(
+        "artifact", parents=[common], help="save an artifact of a run (e.g. a screenshot)"
+    )
+    artifact.add_argument("artifact_id", help="as listed by `runs show`")
+    artifact.add_argument(
+        "-o", "--output", required=True, metavar="FILE", help="where to write it (- for stdout)"
+    )
+    artifact.set_defaults(client=runs.artifact)
     for name, handler, text in (
         ("cancel", runs.cancel, "cancel a run that has not ended"),
         ("pause", runs.pause, "pause a running run at the next step boundary"),
@@ -211,6 +271,101 @@ def _add_runs_commands(
     rerun.set_defaults(client=runs.rerun)
 
 
+def _add_device_commands(
+    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+    common: argparse.ArgumentParser,
+) -> None:
+    group = commands.add_parser("devices", help="cloud phones: inventory, quarantine, bindings")
+    sub = group.add_subparsers(dest="devices_command", required=True)
+    listing = sub.add_parser("list", parents=[common], help="devices, by serial")
+    listing.add_argument("--pool", help="only devices of this pool")
+    listing.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        type=devices.parse_state,
+        help="only devices in this state (repeatable), e.g. quarantined",
+    )
+    listing.add_argument("--model", help="only this model, e.g. 'Pixel 7'")
+    listing.add_argument("--account", help="only the device bound to this account")
+    listing.set_defaults(client=devices.list_devices)
+    show = sub.add_parser(
+        "show", parents=[common], help="one device: lease, health checks, quarantine evidence"
+    )
+    show.add_argument("serial")
+    show.set_defaults(client=devices.show)
+    quarantine = sub.add_parser(
+        "quarantine", parents=[common], help="take a device out of service (revokes its lease)"
+    )
+    quarantine.add_argument("serial")
+    quarantine.add_argument("--reason", required=True, help="why, kept with the device")
+    quarantine.add_argument(
+        "--evidence",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="evidence kept with the device; VALUE is JSON if it parses (repeatable)",
+    )
+    quarantine.set_defaults(client=devices.quarantine)
+    release = sub.add_parser(
+        "release", parents=[common], help="return a quarantined device to service"
+    )
+    release.add_argument("serial")
+    release.add_argument("--reason", required=True, help="why it is fixed, for the audit log")
+    release.set_defaults(client=devices.release)
+    bind = sub.add_parser(
+        "bind", parents=[common], help="bind a device to an account (its leases go there)"
+    )
+    bind.add_argument("serial")
+    bind.add_argument("account")
+    bind.set_defaults(client=devices.bind)
+    unbind = sub.add_parser("unbind", parents=[common], help="remove a device's account binding")
+    unbind.add_argument("serial")
+    unbind.add_argument("account", nargs="?", help="refuse unless this account is the bound one")
+    unbind.set_defaults(client=devices.unbind)
+
+
+def _add_approval_commands(
+    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+    common: argparse.ArgumentParser,
+) -> None:
+    group = commands.add_parser("approvals", help="approval requests of GOVERN steps")
+    sub = group.add_subparsers(dest="approvals_command", required=True)
+    listing = sub.add_parser("list", parents=[common], help="approval requests, newest first")
+    listing.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        type=approvals.parse_state,
+        help="only requests in this state (repeatable), e.g. pending",
+    )
+    listing.add_argument("--run", metavar="RUN_ID", help="only requests of this run")
+    listing.add_argument("--workflow", help="only requests of this workflow")
+    listing.add_argument(
+        "--actionable", action="store_true", help="only pending requests you may decide"
+    )
+    listing.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    listing.set_defaults(client=approvals.list_approvals)
+    show = sub.add_parser(
+        "show", parents=[common], help="one request: policy, context and decisions"
+    )
+    show.add_argument("approval_id")
+    show.set_defaults(client=approvals.show)
+    for name, handler, text in (
+        ("approve", approvals.approve, "approve a request (as the caller: see --as)"),
+        ("reject", approvals.reject, "reject a request; one rejection rejects it"),
+    ):
+        decide = sub.add_parser(name, parents=[common], help=text)
+        decide.add_argument("approval_id", nargs="?", help="the request's id")
+        decide.add_argument(
+            "--run", metavar="RUN_ID", help="instead of an id: the run's one pending request"
+        )
+        decide.add_argument(
+            "--reason", required=name == "reject", default="", help="recorded with the decision"
+        )
+        decide.set_defaults(client=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepline", description="Stepline workflow runtime")
     parser.add_argument(
@@ -224,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--executors", type=int, default=1, metavar="N", help="executor processes (default 1)"
     )
+    up.add_argument(
+        "--phones",
+        type=int,
+        default=DEMO_PHONES,
+        metavar="N",
+        help=f"simulated phones for the device broker (default {DEMO_PHONES})",
+    )
     up.set_defaults(func=cmd_up)
     commands.add_parser("down", help="stop every process of the embedded mesh").set_defaults(
         func=cmd_down
@@ -231,10 +393,20 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show each component's health")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
+    phone = commands.add_parser(
+        "phone",
+        help="run a simulated phone: stepline phone --port P (see stepline phone --help)",
+        add_help=False,
+        prefix_chars="\0",  # every argument after `phone` is the phone's
+    )
+    phone.add_argument("argv", nargs=argparse.REMAINDER)
+    phone.set_defaults(func=cmd_phone)
     common = _client_options()
     _add_workflow_commands(commands, common)
     _add_run_command(commands, common)
     _add_runs_commands(commands, common)
+    _add_device_commands(commands, common)
+    _add_approval_commands(commands, common)
     return parser
 
 
@@ -242,9 +414,17 @@ def client_options(args: argparse.Namespace, environ: Mapping[str, str]) -> Clie
     """Flags over ``STEPLINE_*`` variables over the state of `stepline up`."""
     env = Env(environ)
     timeout = args.timeout if args.timeout is not None else env.number("RPC_TIMEOUT_S", 30.0)
+    addresses = {}
+    for service in ALL_SERVICES:
+        given = getattr(args, service.flag.lstrip("-").replace("-", "_"))
+        address = given or env.optional(service.variable)
+        if address:
+            addresses[service.name] = address
     return ClientOptions(
-        scheduler=args.scheduler or env.optional("SCHEDULER_ADDR"),
-        token=args.token or env.optional("TOKEN"),
+        addresses=addresses,
+        token=args.token,
+        principal=args.as_principal,
+        env_token=env.optional("TOKEN"),
         state_dir=_state_dir(args.state_dir, environ),
         timeout_s=timeout,
     )
@@ -254,8 +434,8 @@ async def run_client(args: argparse.Namespace, environ: Mapping[str, str]) -> in
     """Run one client command; gRPC and usage errors become exit status 2."""
     command: ClientCommand = args.client
     try:
-        async with connect(client_options(args, environ)) as scheduler:
-            return await command(args, scheduler)
+        async with Clients(client_options(args, environ)) as clients:
+            return await command(args, clients)
     except grpc.aio.AioRpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
     except SteplineError as exc:

@@ -34,8 +34,11 @@ def _split(pair: str, *, flag: str) -> tuple[str, str]:
     return key, value
 
 
-def parse_inputs(pairs: Sequence[str], json_text: str | None = None) -> struct_pb2.Struct:
-    """The run's inputs: the ``--input-json`` object, then each ``--input`` over it."""
+def parse_inputs(
+    pairs: Sequence[str], json_text: str | None = None, *, flag: str = "--input"
+) -> struct_pb2.Struct:
+    """The run's inputs: the ``--input-json`` object, then each ``--input`` over it
+    (``flag`` names the option in errors, for other KEY=VALUE objects)."""
     values: dict[str, Any] = {}
     if json_text is not None:
         try:
@@ -46,7 +49,7 @@ def parse_inputs(pairs: Sequence[str], json_text: str | None = None) -> struct_p
             raise InvalidArgument("--input-json must be a JSON object")
         values.update(base)
     for pair in pairs:
-        key, value = _split(pair, flag="--input")
+        key, value = _split(pair, flag=flag)
         values[key] = parse_value(value)
     struct = struct_pb2.Struct()
     struct.update(values)

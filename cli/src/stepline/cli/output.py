@@ -1,5 +1,6 @@
 """Text the client commands print: aligned tables, times, durations, states,
-run timelines and event lines, and the proto JSON mapping for ``--json``.
+run timelines and event lines, devices and approval requests, and the proto
+JSON mapping for ``--json``.
 
 Everything here is a pure function of its arguments (the current time is
 passed in), so it is tested without a server.
@@ -16,7 +17,9 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from stepline.api.approvals.v1 import approvals_pb2
 from stepline.api.common.v1 import common_pb2, run_pb2, workflow_pb2
+from stepline.api.device_broker.v1 import device_broker_pb2
 
 RUN_TERMINAL = frozenset(
     {
@@ -127,6 +130,51 @@ def elapsed(start: Timestamp, end: Timestamp, *, now: datetime) -> str:
     if is_set(end):
         return duration((end.ToDatetime(tzinfo=UTC) - began).total_seconds())
     return duration((now - began).total_seconds()) + "+"
+
+
+def size(count: int) -> str:
+    """``512 B``, ``12.3 KiB``, ``4.0 MiB``."""
+    if count < 1024:
+        return f"{count} B"
+    value = float(count)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024 or unit == "GiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def until(ts: Timestamp, *, now: datetime) -> str:
+    """``2025-03-01 12:00:30Z (in 25.0s)``, or ``(5.0s ago)`` once past."""
+    if not is_set(ts):
+        return EMPTY
+    left = (ts.ToDatetime(tzinfo=UTC) - now).total_seconds()
+    when = f"in {duration(left)}" if left >= 0 else f"{duration(-left)} ago"
+    return f"{timestamp(ts)} ({when})"
+
+
+def _plain(value: Any) -> Any:
+    """Struct numbers are doubles: show ``120``, not ``120.0``."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def struct_lines(value: Any) -> str:
+    """A Struct (or dict) as ``key: value`` lines, values as compact JSON."""
+    data = json_format.MessageToDict(value) if isinstance(value, Message) else dict(value)
+    return "\n".join(
+        f"{key}: {json.dumps(_plain(data[key]), sort_keys=True, ensure_ascii=False)}"
+        for key in sorted(data)
+    )
+
+
+def indent(text: str, by: str = "  ") -> str:
+    return "\n".join(by + line if line else line for line in text.splitlines())
 
 
 # --- layout ---------------------------------------------------------------------
@@ -278,7 +326,53 @@ def timeline(run: run_pb2.WorkflowRun, *, now: datetime) -> str:
     parts = [run_header(run, now=now)]
     if rows:
         parts.append(table(headers, rows, right="ATTEMPTS,DURATION"))
+    if any(task.artifacts for task in run.tasks):
+        parts.append(artifact_rows(run))
     return "\n\n".join(parts)
+
+
+def artifact_summary(artifact: run_pb2.Artifact) -> str:
+    """``screenshot-1.png (image/png, 12.3 KiB)``."""
+    kind = artifact.content_type or "unknown type"
+    return f"{artifact.name} ({kind}, {size(artifact.size_bytes)})"
+
+
+def artifact_rows(run: run_pb2.WorkflowRun) -> str:
+    """The artifacts of the run's steps (``runs artifact ID -o FILE`` fetches one)."""
+    return table(
+        ("STEP", "ATTEMPT", "NAME", "TYPE", "SIZE", "ARTIFACT"),
+        [
+            (
+                task.step_path or task.step_id,
+                str(a.attempt_number),
+                a.name,
+                a.content_type or EMPTY,
+                size(a.size_bytes),
+                a.artifact_id,
+            )
+            for task in run.tasks
+            for a in task.artifacts
+        ],
+        right="ATTEMPT,SIZE",
+    )
+
+
+def wait_outcome(run: run_pb2.WorkflowRun, *, now: datetime) -> str:
+    """The line ``runs wait`` ends with: where the run stopped, and for a
+    suspended run, the approval request it waits for."""
+    if run.state == common_pb2.WORKFLOW_RUN_STATE_SUSPENDED:
+        waiting = [t for t in run.tasks if t.state == common_pb2.TASK_RUN_STATE_SUSPENDED]
+        text = f"run {run.run_id} SUSPENDED"
+        for task in waiting:
+            text += f"\n  step {task.step_path or task.step_id} waits for approval "
+            text += task.approval_id or "(not yet created)"
+            if task.approval_id:
+                text += f": stepline approvals show {task.approval_id}"
+        return text
+    if run.state in RUN_TERMINAL:
+        return outcome(run, now=now)
+    failure = failure_text(run.failure)
+    return f"run {run.run_id} {run_state(run.state)}" + (f": {failure}" if failure else "")
 
 
 # --- events ---------------------------------------------------------------------
@@ -529,3 +623,236 @@ def workflow_detail(version: Any) -> str:
         parts.append(inputs)
     parts.append(table(("STEP", "KIND", "DETAIL"), _step_rows(d.steps)))
     return "\n\n".join(parts)
+
+
+# --- devices --------------------------------------------------------------------
+
+
+def device_state(value: int) -> str:
+    return enum_name(common_pb2.DeviceState, value, "DEVICE_STATE_")
+
+
+def health_summary(health: device_broker_pb2.HealthReport) -> str:
+    """``ok``, ``failed: storage_free, boot_completed``, or ``-`` if never checked."""
+    if not is_set(health.check_time) and not health.checks:
+        return EMPTY
+    if health.healthy:
+        return "ok"
+    failed = [c.name for c in health.checks if not c.passed]
+    return "failed: " + ", ".join(failed) if failed else "failed"
+
+
+def lease_summary(lease: device_broker_pb2.Lease) -> str:
+    """``<task id> (token 7)``: what the device is leased for."""
+    if not lease.lease_id:
+        return EMPTY
+    holder = lease.holder
+    subject = holder.chunk_id or holder.task_id or holder.run_id or holder.executor_id
+    return f"{subject or lease.lease_id} (token {lease.token})"
+
+
+def device_rows(devices: Sequence[device_broker_pb2.Device]) -> str:
+    """``devices list``: one line per device."""
+    return table(
+        ("SERIAL", "STATE", "MODEL", "POOL", "HEALTH", "ACCOUNT", "LEASE"),
+        [
+            (
+                d.serial,
+                device_state(d.state),
+                d.model or EMPTY,
+                d.pool or EMPTY,
+                health_summary(d.health),
+                d.bound_account or EMPTY,
+                lease_summary(d.lease),
+            )
+            for d in devices
+        ],
+    )
+
+
+def _lease_fields(lease: device_broker_pb2.Lease, *, now: datetime) -> str:
+    holder = lease.holder
+    return fields(
+        [
+            ("lease", lease.lease_id),
+            ("token", str(lease.token)),
+            ("executor", holder.executor_id),
+            ("run", holder.run_id),
+            ("task", holder.task_id),
+            ("chunk", holder.chunk_id),
+            ("account", lease.account),
+            ("granted", timestamp(lease.grant_time) if is_set(lease.grant_time) else ""),
+            ("expires", until(lease.expire_time, now=now) if is_set(lease.expire_time) else ""),
+        ]
+    )
+
+
+def _health_section(health: device_broker_pb2.HealthReport) -> str:
+    if not is_set(health.check_time) and not health.checks:
+        return "health:  not checked yet"
+    verdict = "healthy" if health.healthy else "UNHEALTHY"
+    text = f"health:  {verdict}, checked {timestamp(health.check_time)}"
+    if health.checks:
+        rows = [(c.name, "pass" if c.passed else "FAIL", c.message) for c in health.checks]
+        text += "\n" + indent(table(("CHECK", "RESULT", "OBSERVED"), rows))
+    return text
+
+
+def _quarantine_section(info: device_broker_pb2.QuarantineInfo) -> str:
+    text = "quarantine:\n" + indent(
+        fields(
+            [
+                ("reason", info.reason),
+                ("by", info.actor.id),
+                ("since", timestamp(info.quarantine_time) if is_set(info.quarantine_time) else ""),
+            ]
+        )
+    )
+    evidence = struct_lines(info.evidence)
+    if evidence:
+        text += "\n  evidence:\n" + indent(evidence, "    ")
+    return text
+
+
+def device_detail(device: device_broker_pb2.Device, *, now: datetime) -> str:
+    """``devices show``: the device, its lease, its last health check and, when
+    quarantined, why (with the evidence)."""
+    model = " / ".join(x for x in (device.model, device.product) if x)
+    parts = [
+        fields(
+            [
+                ("device", device.serial),
+                ("state", device_state(device.state)),
+                ("model", model),
+                ("pool", device.pool),
+                ("labels", labels(device.labels)),
+                ("account", device.bound_account),
+                ("adb server", device.adb_server),
+                ("cleanup", device.cleanup_profile),
+                (
+                    "last seen",
+                    timestamp(device.last_seen_time) if is_set(device.last_seen_time) else "",
+                ),
+            ]
+        )
+    ]
+    if device.lease.lease_id:
+        parts.append("lease:\n" + indent(_lease_fields(device.lease, now=now)))
+    parts.append(_health_section(device.health))
+    if device.HasField("quarantine") and (device.quarantine.reason or device.quarantine.actor.id):
+        parts.append(_quarantine_section(device.quarantine))
+    return "\n\n".join(parts)
+
+
+# --- approvals ------------------------------------------------------------------
+
+
+def approval_state(value: int) -> str:
+    return enum_name(approvals_pb2.ApprovalState, value, "APPROVAL_STATE_")
+
+
+def votes(approval: approvals_pb2.Approval) -> str:
+    """``1/2``: approvals recorded of those the policy needs."""
+    approved = sum(
+        1 for d in approval.decisions if d.outcome == approvals_pb2.DECISION_OUTCOME_APPROVED
+    )
+    return f"{approved}/{approval.policy.required_approvals or 1}"
+
+
+def approval_rows(approvals: Sequence[approvals_pb2.Approval], *, now: datetime) -> str:
+    """``approvals list``: one line per request."""
+    return table(
+        ("APPROVAL", "STATE", "VOTES", "WORKFLOW", "STEP", "RUN", "CREATED", "EXPIRES"),
+        [
+            (
+                a.approval_id,
+                approval_state(a.state),
+                votes(a),
+                a.workflow_name,
+                a.step_id,
+                a.run_id,
+                timestamp(a.create_time),
+                _expiry(a, now=now),
+            )
+            for a in approvals
+        ],
+        right="VOTES",
+    )
+
+
+def _expiry(approval: approvals_pb2.Approval, *, now: datetime) -> str:
+    if not is_set(approval.expire_time):
+        return "never"
+    if approval.state != approvals_pb2.APPROVAL_STATE_PENDING:
+        return timestamp(approval.expire_time)
+    return until(approval.expire_time, now=now)
+
+
+def policy_text(policy: workflow_pb2.ApprovalPolicy) -> str:
+    """``1 approval from role approver; initiator may not approve; expires after
+    1h00m: TIMED_OUT``."""
+    who = [f"role {r}" for r in policy.approver_roles]
+    who += [f"principal {p}" for p in policy.approver_principals]
+    needed = policy.required_approvals or 1
+    text = f"{needed} approval{'s' if needed > 1 else ''} from {' or '.join(who) or 'admins'}"
+    text += "; initiator " + ("may" if policy.allow_initiator else "may not") + " approve"
+    if policy.HasField("expiry"):
+        outcome_name = enum_name(
+            workflow_pb2.ApprovalExpiryOutcome, policy.expiry_outcome, "APPROVAL_EXPIRY_OUTCOME_"
+        )
+        if outcome_name == "UNSPECIFIED":
+            outcome_name = "TIMED_OUT"
+        text += f"; expires after {duration(policy.expiry.ToTimedelta().total_seconds())}"
+        text += f" ({outcome_name})"
+    return text
+
+
+def decision_rows(decisions: Sequence[approvals_pb2.Decision]) -> str:
+    return table(
+        ("TIME", "ACTOR", "DECISION", "CHANNEL", "REASON"),
+        [
+            (
+                timestamp(d.decide_time),
+                d.actor.id or EMPTY,
+                enum_name(approvals_pb2.DecisionOutcome, d.outcome, "DECISION_OUTCOME_"),
+                enum_name(approvals_pb2.DecisionChannel, d.channel, "DECISION_CHANNEL_").lower(),
+                d.reason,
+            )
+            for d in decisions
+        ],
+    )
+
+
+def approval_detail(approval: approvals_pb2.Approval, *, now: datetime) -> str:
+    """``approvals show``: the request, its policy, the context shown to
+    approvers, and every decision so far."""
+    a = approval
+    header = fields(
+        [
+            ("approval", a.approval_id),
+            ("state", approval_state(a.state)),
+            ("votes", votes(a)),
+            ("workflow", a.workflow_name),
+            ("run", a.run_id),
+            ("step", a.step_id),
+            ("initiator", a.initiator.id),
+            ("labels", labels(a.labels)),
+            ("created", timestamp(a.create_time)),
+            ("expires", _expiry(a, now=now)),
+            ("decided", timestamp(a.decide_time) if is_set(a.decide_time) else ""),
+            ("policy", policy_text(a.policy)),
+        ]
+    )
+    parts = [header]
+    context = struct_lines(a.context)
+    parts.append("context:\n" + indent(context) if context else "context: (none)")
+    parts.append(decision_rows(a.decisions) if a.decisions else "no decisions yet")
+    return "\n\n".join(parts)
+
+
+def decided(approval: approvals_pb2.Approval) -> str:
+    """The line ``approvals approve|reject`` print."""
+    text = f"approval {approval.approval_id} {approval_state(approval.state)}"
+    if approval.state == approvals_pb2.APPROVAL_STATE_PENDING:
+        return text + f" ({votes(approval)} approvals; more are needed)"
+    return text + f" ({votes(approval)} approvals), run {approval.run_id}"

@@ -5,7 +5,7 @@ was sent. A stream is opened with a deadline of :data:`WINDOW_S` and reopened
 after the last sequence seen when that deadline passes, so a long run can be
 followed for as long as it takes. With ``idle_s`` the stream is left once no
 event has arrived for that long: the history so far of a run that is still
-going.
+going. With ``stop`` it is left after the first event ``stop`` accepts.
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ async def follow(
     on_event: Callable[[run_pb2.RunEvent], None],
     after_sequence: int = 0,
     idle_s: float | None = None,
+    stop: Callable[[run_pb2.RunEvent], bool] | None = None,
 ) -> int:
     """Call ``on_event`` for each event after ``after_sequence``, in order, until
-    the stream ends (or is idle for ``idle_s``); returns the last sequence seen."""
+    the stream ends (or is idle for ``idle_s``, or ``stop`` is true of an event);
+    returns the last sequence seen."""
     last = after_sequence
     while True:
         opened = time.monotonic()
@@ -53,6 +55,8 @@ async def follow(
                     continue  # already seen before a reopen
                 last = message.event.sequence
                 on_event(message.event)
+                if stop is not None and stop(message.event):
+                    return last
         except grpc.aio.AioRpcError as exc:
             window_ended = time.monotonic() - opened >= WINDOW_S * 0.9
             if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED or not window_ended:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from stepline.api.scheduler.v1 import workflow_service_pb2 as pb
 from stepline.cli import output
-from stepline.cli.connect import Scheduler
+from stepline.cli.connect import Clients
 from stepline.common.errors import InvalidArgument
 
 FORMATS = {
@@ -38,14 +38,14 @@ def read_source(path: Path) -> pb.WorkflowSource:
     return pb.WorkflowSource(format=fmt, text=text)
 
 
-async def apply(args: argparse.Namespace, scheduler: Scheduler) -> int:
+async def apply(args: argparse.Namespace, clients: Clients) -> int:
     """Register the definition in FILE as the workflow's next version (if it changed)."""
     request = pb.RegisterWorkflowRequest(
         request_id=str(uuid.uuid4()),
         source_text=read_source(Path(args.file)),
         validate_only=args.validate_only,
     )
-    response = await scheduler.workflows.RegisterWorkflow(request)
+    response = await clients.scheduler.workflows.RegisterWorkflow(request)
     if args.json:
         print(output.to_json(response))
         return 0
@@ -58,8 +58,9 @@ async def apply(args: argparse.Namespace, scheduler: Scheduler) -> int:
     return 0
 
 
-async def list_workflows(args: argparse.Namespace, scheduler: Scheduler) -> int:
+async def list_workflows(args: argparse.Namespace, clients: Clients) -> int:
     """Every workflow the caller may read, by name (all pages)."""
+    scheduler = clients.scheduler
     collected = pb.ListWorkflowsResponse()
     request = pb.ListWorkflowsRequest(name_prefix=args.prefix or "", page_size=PAGE_SIZE)
     while True:
@@ -77,7 +78,8 @@ async def list_workflows(args: argparse.Namespace, scheduler: Scheduler) -> int:
     return 0
 
 
-async def _versions(args: argparse.Namespace, scheduler: Scheduler) -> int:
+async def _versions(args: argparse.Namespace, clients: Clients) -> int:
+    scheduler = clients.scheduler
     collected = pb.ListWorkflowVersionsResponse()
     request = pb.ListWorkflowVersionsRequest(name=args.name, page_size=PAGE_SIZE)
     while True:
@@ -90,11 +92,11 @@ async def _versions(args: argparse.Namespace, scheduler: Scheduler) -> int:
     return 0
 
 
-async def show(args: argparse.Namespace, scheduler: Scheduler) -> int:
+async def show(args: argparse.Namespace, clients: Clients) -> int:
     """One version of a workflow (the latest by default), or its versions."""
     if args.versions:
-        return await _versions(args, scheduler)
-    response = await scheduler.workflows.GetWorkflow(
+        return await _versions(args, clients)
+    response = await clients.scheduler.workflows.GetWorkflow(
         pb.GetWorkflowRequest(name=args.name, version=args.version)
     )
     print(output.to_json(response) if args.json else output.workflow_detail(response.workflow))

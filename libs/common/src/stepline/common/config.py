@@ -16,7 +16,8 @@ from stepline.common.errors import ConfigError, InvalidArgument
 from stepline.common.jetstream import Streams
 
 PREFIX = "STEPLINE_"
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# large enough for an 8 MiB artifact (LedgerService.PutArtifact/GetArtifact) with its envelope
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 class Env:

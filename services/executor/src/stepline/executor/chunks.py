@@ -28,6 +28,7 @@ from stepline.executor.attempts import (
     to_dict,
 )
 from stepline.executor.control import Beat, Control
+from stepline.executor.devices import DeviceSpans
 from stepline.executor.verbs.base import VerbContext, VerbError
 from stepline.executor.verbs.templating import render
 
@@ -230,6 +231,10 @@ async def _run_chunk(worker: Worker, fence: Any, claim: Any, control: Control) -
     }
     record = to_dict(chunk.record)
     allowed = list(run.definition.allowed_verbs)
+    devices = DeviceSpans(
+        worker.devices, fence, executor_id=worker.settings.executor_id, chunk_id=chunk.chunk_id
+    )
+    devices.plan([step], chunk=True)
 
     async def call(number: int) -> dict[str, Any]:
         verb = worker.registry.resolve(spec.chunk_verb, allowed=allowed)
@@ -255,13 +260,17 @@ async def _run_chunk(worker: Worker, fence: Any, claim: Any, control: Control) -
                 "executor_id": worker.settings.executor_id,
             },
         )
-        return as_output(await verb(ctx, args))
+        return as_output(await devices.run(step, ctx, lambda c: verb(c, args)))
 
     first = await start(target, step, chunk, pause_policy=False)
     if isinstance(first, Halt):
         return
-    output, halt = await run_attempts(
-        target, step, first, call, control=control, deadline=None, pause_policy=False
-    )
+    try:
+        output, halt = await run_attempts(
+            target, step, first, call, control=control, deadline=None, pause_policy=False
+        )
+        await devices.passed(step.id, halt)
+    finally:
+        await asyncio.shield(devices.close())
     if halt is None:
         await target.write(T.TASK_RUN_STATE_SUCCEEDED, output=output)

@@ -38,6 +38,12 @@ class ExecutorSettings:
     max_chunks: int = 10_000
     #: hosts the http.* verbs may reach
     http_allowed_hosts: tuple[str, ...] = ()
+    #: device lease duration asked of the broker; renewed every third of it
+    device_ttl_s: float = 30.0
+    #: how long a step waits for a matching device before DEVICE_UNAVAILABLE
+    device_wait_s: float = 60.0
+    #: socket timeout of one adb command of an android.* verb
+    adb_timeout_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Env) -> ExecutorSettings:
@@ -58,4 +64,7 @@ class ExecutorSettings:
             chunk_concurrency=env.integer("CHUNK_CONCURRENCY", 16, minimum=1),
             max_chunks=env.integer("MAX_CHUNKS", 10_000, minimum=1),
             http_allowed_hosts=tuple(h.strip() for h in hosts.split(",") if h.strip()),
+            device_ttl_s=env.number("EXECUTOR_DEVICE_TTL_S", 30.0, minimum=1.0),
+            device_wait_s=env.number("EXECUTOR_DEVICE_WAIT_S", 60.0, minimum=0.1),
+            adb_timeout_s=env.number("EXECUTOR_ADB_TIMEOUT_S", 30.0, minimum=0.1),
         )

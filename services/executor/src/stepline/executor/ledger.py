@@ -241,6 +241,38 @@ class Fence:
                 return
             first += batch
 
+    async def put_artifact(
+        self,
+        task_id: str,
+        attempt_number: int,
+        name: str,
+        content_type: str,
+        content: bytes,
+        chunk_id: str = "",
+    ) -> run_pb2.Artifact:
+        """Store a file produced by an attempt with its task's (or chunk's) record.
+
+        Under this fence's claim: the run's, or the chunk's when the fence has a
+        ``chunk_id``. Replaying the same attempt's artifact is a no-op.
+        """
+        chunk_id = chunk_id or self.chunk_id
+        response = await self.ledger.call(
+            self.ledger.stub.PutArtifact,
+            pb.PutArtifactRequest(
+                request_id=self._id("artifact", chunk_id, task_id, attempt_number, name),
+                run_id=self.run_id,
+                task_id=task_id,
+                chunk_id=chunk_id,
+                epoch=self.epoch,
+                attempt_number=attempt_number,
+                name=name,
+                content_type=content_type,
+                content=content,
+                actor=self.actor,
+            ),
+        )
+        return response.artifact
+
     async def record_dispatch(self, chunk_id: str, expected: int) -> int:
         response = await self.ledger.call(
             self.ledger.stub.RecordDispatch,

@@ -26,7 +26,7 @@ from stepline.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from stepline.common.jetstream import Streams
 from stepline.common.logs import log_context
 from stepline.common.plan import plan
-from stepline.executor import chunks
+from stepline.executor import chunks, govern
 from stepline.executor.attempts import (
     Halt,
     Target,
@@ -39,6 +39,7 @@ from stepline.executor.attempts import (
 )
 from stepline.executor.config import ExecutorSettings
 from stepline.executor.control import Beat, Control, holding
+from stepline.executor.devices import DeviceBroker, DeviceSpans
 from stepline.executor.ledger import Fence, Ledger, failure, struct
 from stepline.executor.verbs.base import VerbContext, VerbError
 from stepline.executor.verbs.registry import VerbRegistry
@@ -75,6 +76,10 @@ class Worker:
     js: JetStreamContext
     registry: VerbRegistry
     workflows: WorkflowResolver | None = None
+    #: leases devices for steps that declare one (None: such steps fail)
+    devices: DeviceBroker | None = None
+    #: the approvals service, for GOVERN steps (None: such steps fail)
+    approvals: govern.Approvals | None = None
     #: runs waiting on their chunks: they do not count against max_concurrent_runs
     parked: int = 0
     capacity_changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -174,6 +179,7 @@ class Execution:
         self.outputs: dict[str, Any] = {}
         self.last_output: dict[str, Any] = {}
         self.pause_policy = self.definition.failure_policy == workflow_pb2.FAILURE_POLICY_PAUSE_RUN
+        self.devices = DeviceSpans(worker.devices, fence, executor_id=worker.settings.executor_id)
 
     @property
     def run_id(self) -> str:
@@ -187,10 +193,15 @@ class Execution:
                 halt = await self._start()
                 if halt is None:
                     halt = await self.sequence(self.definition.steps, "", None)
+                while halt is not None and halt.kind == "suspend" and await govern.suspend(self):
+                    halt = await self.sequence(self.definition.steps, "", None)  # decided meanwhile
+                await self.devices.close()
                 return await self.finish(halt)
             except FailedPrecondition as exc:
                 log.warning("run stopped: the ledger refused a write: %s", exc)
                 return RunEnd(0, failure(F.FAILURE_REASON_INTERNAL, str(exc)))
+            finally:
+                await asyncio.shield(self.devices.close())
 
     async def _start(self) -> Halt | None:
         if self.control.cancelled:
@@ -227,13 +238,18 @@ class Execution:
     async def sequence(
         self, steps: Any, prefix: str, siblings_failed: asyncio.Event | None
     ) -> Halt | None:
+        self.devices.plan(steps)
         for step in steps:
             path = prefix + step.id
             task = self.tasks[path]
             if task.state in DONE:
                 self._record_output(step.id, to_dict(task.output), top=not prefix)
                 continue
-            if task.state != T.TASK_RUN_STATE_RUNNING and task.state != T.TASK_RUN_STATE_PENDING:
+            if task.state not in (
+                T.TASK_RUN_STATE_PENDING,
+                T.TASK_RUN_STATE_RUNNING,
+                T.TASK_RUN_STATE_SUSPENDED,  # a GOVERN step waiting for its decision
+            ):
                 return Halt("failed", task.failure, task.state)
             halt = self.boundary()
             if halt is None and siblings_failed is not None and siblings_failed.is_set():
@@ -241,6 +257,7 @@ class Execution:
             if halt is None:
                 with log_context(task_id=task.task_id):
                     halt = await self.step(step, path, task)
+            await self.devices.passed(step.id, halt)
             if halt is not None:
                 return halt
             if step.id in self.outputs:
@@ -262,6 +279,8 @@ class Execution:
             return await self.workflow_ref(step, task)
         if which == "chunked":
             return await chunks.run_chunked(self, step, task)
+        if which == "govern":
+            return await govern.run_govern(self, step, task)
         target = Target(self.fence, task.task_id)
         if task.state == T.TASK_RUN_STATE_PENDING:
             await target.write(T.TASK_RUN_STATE_RUNNING)
@@ -309,7 +328,7 @@ class Execution:
             verb = self.worker.registry.resolve(step.atomic.verb, allowed=allowed)
             args = render(to_dict(step.atomic.args), inputs=self.inputs, outputs=self.outputs)
             ctx = self.context(step, task.task_id, number)
-            return as_output(await verb(ctx, args))
+            return as_output(await self.devices.run(step, ctx, lambda c: verb(c, args)))
 
         output, halt = await self.attempts(target, step, task, call)
         if halt is not None:
@@ -397,7 +416,13 @@ class Execution:
             await target.write(T.TASK_RUN_STATE_RUNNING, child_run_id=child_id)
         limit = seconds(step.timeout)
         deadline = asyncio.get_running_loop().time() + limit if limit else None
-        end = await run_child(self.worker, child_id, self.control.child(), deadline=deadline)
+        child_control = self.control.child()
+        end = await run_child(self.worker, child_id, child_control, deadline=deadline)
+        if end.state == R.WORKFLOW_RUN_STATE_SUSPENDED:
+            # The child waits for an approval; the executor it is dispatched to
+            # after the decision continues it. Wait for its end.
+            with self.worker.parking():
+                end = await follow(self.worker, child_id, child_control)
         if end.state == R.WORKFLOW_RUN_STATE_SUCCEEDED:
             output = end.outputs or {}
             await target.write(T.TASK_RUN_STATE_SUCCEEDED, output=output)
@@ -430,6 +455,14 @@ class Execution:
             )
         if halt.kind == "lost":
             return RunEnd(0)
+        if halt.kind == "suspend":  # see govern.suspend
+            if self.run_record.state != R.WORKFLOW_RUN_STATE_SUSPENDED:
+                return await self.finish(self.boundary() or Halt("lost"))
+            if self.control.lost:
+                return RunEnd(0)
+            if self.control.cancelled:  # came while it suspended: SUSPENDED -> CANCELLED
+                return await self.finish(Halt("cancel"))
+            return await self._released(RunEnd(R.WORKFLOW_RUN_STATE_SUSPENDED), "suspended")
         if halt.kind == "drain":
             return await self._released(
                 RunEnd(R.WORKFLOW_RUN_STATE_RUNNING, disposition=NAK), "shutdown"

@@ -30,6 +30,8 @@ from stepline.common.server import GrpcHost, serving, wait_until_stopped
 from stepline.executor.chunks import execute_chunk_job
 from stepline.executor.config import ExecutorSettings
 from stepline.executor.control import Control
+from stepline.executor.devices import DeviceBroker
+from stepline.executor.govern import Approvals
 from stepline.executor.ledger import Ledger
 from stepline.executor.runner import ACK, Worker, WorkflowResolver, execute_run_job
 from stepline.executor.verbs.registry import VerbRegistry
@@ -162,6 +164,22 @@ async def running(
             scheduler = open_channel(settings.scheduler_addr, settings=settings.client)
             stack.push_async_callback(scheduler.close)
             workflows = SchedulerWorkflows(scheduler)
+        devices = None
+        if settings.device_broker_addr:
+            broker = open_channel(settings.device_broker_addr, settings=settings.client)
+            stack.push_async_callback(broker.close)
+            devices = DeviceBroker(
+                broker,
+                executor_id=settings.executor_id,
+                ttl_s=settings.device_ttl_s,
+                wait_s=settings.device_wait_s,
+                adb_timeout_s=settings.adb_timeout_s,
+            )
+        approvals = None
+        if settings.approvals_addr:
+            approvals_channel = open_channel(settings.approvals_addr, settings=settings.client)
+            stack.push_async_callback(approvals_channel.close)
+            approvals = Approvals(approvals_channel)
         worker = Worker(
             settings=settings,
             ledger=Ledger(channel, executor_id=settings.executor_id),
@@ -169,6 +187,8 @@ async def running(
             js=js,
             registry=registry,
             workflows=workflows,
+            devices=devices,
+            approvals=approvals,
         )
         subscription = await js.pull_subscribe_bind(JOBS_CONSUMER, stream=streams.jobs)
         stack.push_async_callback(subscription.unsubscribe)

@@ -26,7 +26,7 @@ from typing import Any, cast
 
 from stepline.api.common.v1 import common_pb2
 from stepline.common.errors import ConfigError
-from stepline.executor.verbs import core
+from stepline.executor.verbs import android, core
 from stepline.executor.verbs.base import GeneratorVerb, Verb, VerbError
 from stepline.executor.verbs.http import HttpRequest
 
@@ -159,6 +159,23 @@ def register_builtins(registry: VerbRegistry, *, http_allowed_hosts: Sequence[st
     registry.register("core.range", core.range_, generator=True)
     registry.register("core.items", core.items, generator=True)
     registry.register("http.request", HttpRequest(allowed_hosts=http_allowed_hosts))
+    for name in ANDROID_VERBS:
+        registry.register(f"android.{name}", getattr(android, name))
+
+
+#: the android.* verbs (functions of stepline.executor.verbs.android)
+ANDROID_VERBS = (
+    "shell",
+    "launch",
+    "tap",
+    "swipe",
+    "text",
+    "key",
+    "screenshot",
+    "push",
+    "pull",
+    "install",
+)
 
 
 def load_plugins(registry: VerbRegistry, plugins: Iterable[EntryPoint]) -> list[str]:

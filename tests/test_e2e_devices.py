@@ -1,0 +1,288 @@
+"""Devices end to end through the real mesh (`stepline up` processes: the
+scheduler, the ledger, the device broker, two executors, the adb server and two
+simulated phones as processes; the ``mesh_state`` fixture of tests/conftest.py).
+
+examples/social-post.yaml logs in to the phone's social app and posts over a
+device span: the run succeeds, the post is in the phone's state (read with
+``simctl state`` through the adb server, as an operator would), both
+screenshots are PNG artifacts of their steps, and the phone is released and
+cleaned afterwards. An executor killed while it holds a phone loses the lease
+to the broker's TTL, and the other executor finishes the run on a phone it
+leases again. That test kills an executor (and starts it again), so it is the
+last of the module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import pytest
+from google.protobuf import json_format, struct_pb2
+
+from stepline.api.common.v1 import common_pb2, run_pb2
+from stepline.api.device_broker.v1 import device_broker_pb2 as dpb
+from stepline.api.device_broker.v1 import device_broker_pb2_grpc
+from stepline.api.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from stepline.api.scheduler.v1 import scheduler_service_pb2 as spb
+from stepline.api.scheduler.v1 import scheduler_service_pb2_grpc, workflow_service_pb2_grpc
+from stepline.api.scheduler.v1 import workflow_service_pb2 as wpb
+from stepline.cli import mesh
+from stepline.common import adb, embedded
+from stepline.common.client import check_health, open_channel
+from stepline.common.config import ClientSettings
+
+R = common_pb2.WorkflowRunState
+T = common_pb2.TaskRunState
+F = common_pb2.FailureReason
+D = common_pb2.DeviceState
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "social-post.yaml"
+RUN_TERMINAL = (
+    R.WORKFLOW_RUN_STATE_SUCCEEDED,
+    R.WORKFLOW_RUN_STATE_FAILED,
+    R.WORKFLOW_RUN_STATE_CANCELLED,
+    R.WORKFLOW_RUN_STATE_TIMED_OUT,
+)
+PNG = b"\x89PNG\r\n\x1a\n"
+POLL_S = 0.05
+WAIT_S = 60.0
+
+
+@dataclass
+class Api:
+    state: mesh.MeshState
+    workflows: workflow_service_pb2_grpc.WorkflowServiceAsyncStub
+    runs: scheduler_service_pb2_grpc.SchedulerServiceAsyncStub
+    ledger: ledger_pb2_grpc.LedgerServiceAsyncStub
+    broker: device_broker_pb2_grpc.DeviceBrokerServiceAsyncStub
+
+    async def register(self, text: str) -> None:
+        await self.workflows.RegisterWorkflow(
+            wpb.RegisterWorkflowRequest(
+                request_id=str(uuid.uuid4()),
+                source_text=wpb.WorkflowSource(format=wpb.SOURCE_FORMAT_YAML, text=text),
+            )
+        )
+
+    async def start(self, name: str, inputs: dict[str, Any]) -> str:
+        values = struct_pb2.Struct()
+        values.update(inputs)
+        response = await self.runs.StartRun(
+            spb.StartRunRequest(request_id=str(uuid.uuid4()), workflow_name=name, inputs=values)
+        )
+        return response.run.run_id
+
+    async def get(self, run_id: str) -> run_pb2.WorkflowRun:
+        response = await self.runs.GetRun(
+            spb.GetRunRequest(run_id=run_id, view=run_pb2.RUN_VIEW_TASKS)
+        )
+        return response.run
+
+    async def finished(self, run_id: str) -> run_pb2.WorkflowRun:
+        """Follow WatchRun until the scheduler ends the stream (the run is terminal)."""
+        call = self.runs.WatchRun(spb.WatchRunRequest(run_id=run_id), timeout=WAIT_S)
+        try:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        finally:
+            call.cancel()
+        run = await self.get(run_id)
+        assert run.state in RUN_TERMINAL, run
+        return run
+
+    async def until(self, what: str, check: Callable[[], Any]) -> Any:
+        """Poll the async ``check`` until it returns something true."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_S
+        while True:
+            value = await check()
+            if value:
+                return value
+            if loop.time() > deadline:
+                pytest.fail(f"timed out waiting for {what}")
+            await asyncio.sleep(POLL_S)
+
+    async def device(self, serial: str) -> dpb.Device:
+        return (await self.broker.GetDevice(dpb.GetDeviceRequest(serial=serial))).device
+
+    async def all_available(self) -> bool:
+        devices = [await self.device(serial) for serial in self.state.phones]
+        return all(d.state == D.DEVICE_STATE_AVAILABLE for d in devices)
+
+    async def phone_state(self, serial: str) -> dict[str, Any]:
+        """``simctl state`` of a phone, through the mesh's adb server."""
+        port = self.state.record("adb").port
+
+        def read() -> str:
+            device = adb.client("127.0.0.1", port, timeout_s=10.0).device(serial)
+            return str(device.shell("simctl state", timeout=10.0))
+
+        return dict(json.loads(await asyncio.to_thread(read)))
+
+
+@pytest.fixture
+async def api(mesh_state: mesh.MeshState) -> AsyncIterator[Api]:
+    settings = ClientSettings(default_timeout_s=WAIT_S)
+    token = mesh_state.admin_token
+    async with (
+        open_channel(mesh_state.endpoint("scheduler"), settings=settings, token=token) as sched,
+        open_channel(mesh_state.endpoint("ledger"), settings=settings, token=token) as ledger,
+        open_channel(mesh_state.endpoint("device-broker"), settings=settings, token=token) as dev,
+    ):
+        api = Api(
+            state=mesh_state,
+            workflows=workflow_service_pb2_grpc.WorkflowServiceStub(sched),
+            runs=scheduler_service_pb2_grpc.SchedulerServiceStub(sched),
+            ledger=ledger_pb2_grpc.LedgerServiceStub(ledger),
+            broker=device_broker_pb2_grpc.DeviceBrokerServiceStub(dev),
+        )
+        await api.until("every phone to be available", api.all_available)
+        yield api
+
+
+def task(run: run_pb2.WorkflowRun, path: str) -> run_pb2.TaskRun:
+    for candidate in run.tasks:
+        if candidate.step_path == path:
+            return candidate
+    raise AssertionError(f"run {run.run_id} has no task {path!r}")
+
+
+def outputs(message: Any) -> dict[str, Any]:
+    return dict(json_format.MessageToDict(message))
+
+
+async def test_social_post_example_posts_from_a_leased_phone(api: Api) -> None:
+    await api.register(EXAMPLE.read_text(encoding="utf-8"))
+    message = f"hello from stepline {uuid.uuid4().hex[:8]}"
+    inputs = {"account": "ada", "password": "secret", "message": message}
+    run = await api.finished(await api.start("social-post", inputs))
+    assert run.state == R.WORKFLOW_RUN_STATE_SUCCEEDED, run.failure
+
+    # The post is in exactly one phone's model: the span kept one phone.
+    states = {serial: await api.phone_state(serial) for serial in api.state.phones}
+    posted = {
+        serial: [p for p in state["app"]["posts"] if p["text"] == message]
+        for serial, state in states.items()
+    }
+    holders = [serial for serial, posts in posted.items() if posts]
+    assert len(holders) == 1, posted
+    assert [p["author"] for p in posted[holders[0]]] == ["ada"]
+
+    # Both screenshots are PNG artifacts of their steps.
+    for step_id, name in (("shot-logged-in", "logged-in.png"), ("shot-posted", "posted.png")):
+        shot = task(run, step_id)
+        assert [a.name for a in shot.artifacts] == [name]
+        output = outputs(shot.output)
+        got = await api.ledger.GetArtifact(
+            ledger_pb2.GetArtifactRequest(artifact_id=output["artifact_id"])
+        )
+        assert got.content.startswith(PNG)
+        assert got.artifact.content_type == "image/png"
+        assert hashlib.sha256(got.content).hexdigest() == output["sha256"]
+        assert (output["width"], output["height"]) == (1080, 2400)
+    assert outputs(task(run, "type-password").output) == {"length": len("secret")}
+
+    # Released, then cleaned by the broker (the app is signed out again).
+    for serial in api.state.phones:
+        assert (await api.device(serial)).state != D.DEVICE_STATE_LEASED
+    await api.until("every phone to be available", api.all_available)
+    assert "ada" not in (await api.phone_state(holders[0]))["accounts"]
+
+
+SPAN = """
+name: device-hold
+description: Taps, holds the phone a while, taps again.
+allowed_verbs: [android.tap, core.sleep]
+steps:
+  - id: first
+    device: {pool: default, span_until_step_id: last}
+    atomic: {verb: android.tap, args: {x: 11, y: 11}}
+  - id: hold
+    idempotent: true
+    atomic: {verb: core.sleep, args: {seconds: 4}}
+  - id: last
+    atomic: {verb: android.tap, args: {x: 22, y: 22}}
+"""
+
+
+# --- losing the executor that holds a phone (last: it kills one) ------------------
+
+
+def _record(state: mesh.MeshState, executor_id: str) -> embedded.ProcessRecord:
+    """The mesh's process record of an executor (its id as `stepline up` sets it)."""
+    for record in state.components:
+        name = record.name if record.name[-1].isdigit() else f"{record.name}-1"
+        if record.name.startswith("executor") and name == executor_id:
+            return record
+    raise AssertionError(f"no executor {executor_id!r} in the mesh")
+
+
+async def _restart(
+    state: mesh.MeshState, record: embedded.ProcessRecord, env: dict[str, str]
+) -> None:
+    """Start a killed executor again as `stepline up` did, so that later tests
+    find the mesh whole."""
+    fresh = embedded.spawn(
+        record.name,
+        [sys.executable, "-m", "stepline.executor"],
+        log_path=Path(record.log),
+        endpoint=record.endpoint,
+        port=record.port,
+        env=env,
+    )
+    state.components[state.components.index(record)] = fresh
+    state.save()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while not await check_health(fresh.endpoint, timeout_s=1.0):
+        assert loop.time() < deadline, f"executor {record.name} did not come back"
+        await asyncio.sleep(0.2)
+
+
+async def test_a_killed_executor_loses_its_phone_to_the_lease_ttl(api: Api) -> None:
+    await api.register(SPAN)
+    run_id = await api.start("device-hold", {})
+
+    async def holding() -> tuple[str, dpb.Device] | None:
+        run = await api.get(run_id)
+        attempts = task(run, "hold").attempts
+        if not attempts or attempts[-1].state != T.TASK_RUN_STATE_RUNNING:
+            return None
+        for serial in api.state.phones:
+            device = await api.device(serial)
+            if device.state == D.DEVICE_STATE_LEASED and device.lease.holder.run_id == run_id:
+                return attempts[-1].executor_id, device
+        return None
+
+    executor_id, leased = await api.until("the run to hold a phone", holding)
+    record = _record(api.state, executor_id)
+    env = psutil.Process(record.pid).environ()
+    os.kill(record.pid, signal.SIGKILL)
+    try:
+
+        async def reclaimed() -> bool:
+            device = await api.device(leased.serial)
+            return bool(device.lease.lease_id != leased.lease.lease_id)
+
+        await api.until("the broker to reclaim the dead executor's lease", reclaimed)
+        run = await api.finished(run_id)
+    finally:
+        await _restart(api.state, record, env)
+    assert run.state == R.WORKFLOW_RUN_STATE_SUCCEEDED, run.failure
+    hold = task(run, "hold")
+    assert hold.attempts[0].failure.reason == F.FAILURE_REASON_EXECUTOR_LOST
+    assert hold.attempts[-1].executor_id != executor_id
+    assert hold.attempts[-1].state == T.TASK_RUN_STATE_SUCCEEDED
+    for serial in api.state.phones:
+        assert (await api.device(serial)).state != D.DEVICE_STATE_LEASED

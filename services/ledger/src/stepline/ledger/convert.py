@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -151,7 +152,29 @@ def chunk_counts(rows: list[Row], *, complete: bool) -> run_pb2.ChunkCounts:
     return counts
 
 
-def task(row: Row, attempts: list[Row], counts: run_pb2.ChunkCounts | None) -> run_pb2.TaskRun:
+def artifact(row: Row) -> run_pb2.Artifact:
+    """An artifact's description (never its content) from its row."""
+    result = run_pb2.Artifact(
+        artifact_id=row["artifact_id"],
+        run_id=row["run_id"],
+        task_id=row["task_id"],
+        chunk_id=row["chunk_id"] or "",
+        attempt_number=row["attempt_number"],
+        name=row["name"],
+        content_type=row["content_type"],
+        size_bytes=row["size_bytes"],
+        sha256=row["sha256"],
+    )
+    _set_time(result, "create_time", row["create_time"])
+    return result
+
+
+def task(
+    row: Row,
+    attempts: list[Row],
+    counts: run_pb2.ChunkCounts | None,
+    artifacts: Sequence[Row] = (),
+) -> run_pb2.TaskRun:
     result = run_pb2.TaskRun(
         task_id=row["task_id"],
         run_id=row["run_id"],
@@ -165,6 +188,7 @@ def task(row: Row, attempts: list[Row], counts: run_pb2.ChunkCounts | None) -> r
         child_run_id=row["child_run_id"] or "",
         child_workflow_version=row["child_workflow_version"],
         approval_id=row["approval_id"] or "",
+        artifacts=[artifact(a) for a in artifacts],
     )
     for field in ("create_time", "start_time", "end_time"):
         _set_time(result, field, row[field])
@@ -177,7 +201,7 @@ def task(row: Row, attempts: list[Row], counts: run_pb2.ChunkCounts | None) -> r
     return result
 
 
-def chunk(row: Row, attempts: list[Row]) -> run_pb2.ChunkRun:
+def chunk(row: Row, attempts: list[Row], artifacts: Sequence[Row] = ()) -> run_pb2.ChunkRun:
     result = run_pb2.ChunkRun(
         chunk_id=row["chunk_id"],
         task_id=row["task_id"],
@@ -188,6 +212,7 @@ def chunk(row: Row, attempts: list[Row]) -> run_pb2.ChunkRun:
         attempts=[attempt(a) for a in attempts],
         claim=claim(row),
         dispatch_epoch=row["dispatch_epoch"],
+        artifacts=[artifact(a) for a in artifacts],
     )
     for field in ("create_time", "start_time", "end_time"):
         _set_time(result, field, row[field])

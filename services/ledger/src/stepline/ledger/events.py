@@ -35,6 +35,11 @@ _KIND = {
     E.RUN_EVENT_TYPE_CHUNKS_CREATED: "chunk",
     E.RUN_EVENT_TYPE_CHUNK_STATE_CHANGED: "chunk",
     E.RUN_EVENT_TYPE_CONTROL_REQUESTED: "control",
+    # Facts about a task's or chunk's record, not a state change. An approval
+    # decision goes with its task: kind `approval` is the approvals service's
+    # own (ApprovalRequested, ApprovalDecided).
+    E.RUN_EVENT_TYPE_ARTIFACT_RECORDED: "task",
+    E.RUN_EVENT_TYPE_APPROVAL_DECISION_RECORDED: "task",
 }
 
 
@@ -80,6 +85,10 @@ class EventLog:
         convert.fill_timestamp(record.time, now)
         self.pending.append(_Pending(record, now, payload or {}, typed))
         return self.last_sequence
+
+    def queued(self) -> list[run_pb2.RunEvent]:
+        """The events added and not yet flushed, oldest first."""
+        return [item.record for item in self.pending]
 
     async def flush(
         self,

@@ -13,7 +13,7 @@ import asyncpg
 from stepline.api.common.v1 import run_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.errors import InvalidArgument, NotFound
-from stepline.ledger import convert
+from stepline.ledger import artifacts, convert
 from stepline.ledger.checks import require
 from stepline.ledger.store import read_run
 
@@ -65,8 +65,10 @@ async def get_run(pool: asyncpg.Pool, request: pb.GetRunRequest) -> pb.GetRunRes
                 ),
                 "owner_id",
             )
+            files = await artifacts.of_run(conn, request.run_id, chunks=True)
             response.chunks.extend(
-                convert.chunk(c, attempts.get(c["chunk_id"], [])) for c in chunks
+                convert.chunk(c, attempts.get(c["chunk_id"], []), files.get(c["chunk_id"], []))
+                for c in chunks
             )
     return response
 
@@ -137,8 +139,12 @@ async def list_chunks(pool: asyncpg.Pool, request: pb.ListChunksRequest) -> pb.L
         owners,
     )
     by_owner = convert.group_by(attempts, "owner_id")
+    files = await artifacts.of_owners(pool, owners)
     response = pb.ListChunksResponse(
-        chunks=[convert.chunk(r, by_owner.get(r["chunk_id"], [])) for r in rows[:size]]
+        chunks=[
+            convert.chunk(r, by_owner.get(r["chunk_id"], []), files.get(r["chunk_id"], []))
+            for r in rows[:size]
+        ]
     )
     if len(rows) > size:
         response.next_page_token = encode_token(index=rows[size - 1]["index"])

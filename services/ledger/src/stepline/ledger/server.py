@@ -22,9 +22,9 @@ from stepline.common import jetstream
 from stepline.common.auth import require_role
 from stepline.common.db import create_pool, load_migrations
 from stepline.common.server import GrpcHost, serving, wait_until_stopped
-from stepline.ledger import queries
+from stepline.ledger import artifacts, queries
 from stepline.ledger.committer import GroupCommitter
-from stepline.ledger.config import LedgerSettings
+from stepline.ledger.config import LedgerSettings, with_room_for_artifacts
 from stepline.ledger.relay import OutboxRelay
 from stepline.ledger.stats import get_stats
 from stepline.ledger.store import LedgerStore
@@ -135,6 +135,24 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         require_role(*CALLER_ROLES)
         return await get_stats(self.pool, request)
 
+    async def PutArtifact(
+        self, request: pb.PutArtifactRequest, context: Context
+    ) -> pb.PutArtifactResponse:
+        require_role(*CALLER_ROLES)
+        return await self.store.put_artifact(request)
+
+    async def GetArtifact(
+        self, request: pb.GetArtifactRequest, context: Context
+    ) -> pb.GetArtifactResponse:
+        require_role(*CALLER_ROLES)
+        return await artifacts.get_artifact(self.pool, request)
+
+    async def RecordApprovalDecision(
+        self, request: pb.RecordApprovalDecisionRequest, context: Context
+    ) -> pb.RecordApprovalDecisionResponse:
+        require_role(*CALLER_ROLES)
+        return await self.store.record_approval_decision(request)
+
 
 @contextlib.asynccontextmanager
 async def running(settings: LedgerSettings) -> AsyncIterator[GrpcHost]:
@@ -169,7 +187,7 @@ async def running(settings: LedgerSettings) -> AsyncIterator[GrpcHost]:
             default_lease_s=settings.default_lease_s,
             max_lease_s=settings.max_lease_s,
         )
-        host = GrpcHost(settings=settings.server)
+        host = GrpcHost(settings=with_room_for_artifacts(settings.server))
         host.add(
             SERVICE_NAME,
             lambda server: ledger_pb2_grpc.add_LedgerServiceServicer_to_server(

@@ -10,6 +10,7 @@ in memory by a :class:`~stepline.ledger.unit.StepUnit` per batch instead.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,16 +23,31 @@ from google.protobuf.message import Message
 from stepline.api.common.v1 import common_pb2, run_pb2, workflow_pb2
 from stepline.api.events.v1 import events_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
-from stepline.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
-from stepline.ledger import convert, states
+from stepline.common.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from stepline.ledger import artifacts, convert, states
 from stepline.ledger.checks import (
+    APPROVAL_STATES,
+    DECISION_CHANNELS,
+    DECISION_OUTCOMES,
+    artifact_content,
+    artifact_name,
     check_claim,
+    check_current_attempt,
     check_size,
+    content_type,
     earlier_response,
     lease_seconds,
+    one_of,
     principal,
     require,
     require_failure,
+    text,
     validate_step_change,
 )
 from stepline.ledger.committer import GroupCommitter
@@ -688,6 +704,133 @@ class LedgerStore:
 
         return await self.committer.submit(request.run_id, operation)
 
+    # --- artifacts and approval decisions -------------------------------------------
+
+    async def put_artifact(self, request: pb.PutArtifactRequest) -> pb.PutArtifactResponse:
+        """Store a file of the current attempt of a task or chunk, under its claim."""
+        require(request.request_id, "request_id")
+        require(request.run_id, "run_id")
+        require(request.task_id, "task_id")
+        if request.chunk_id:
+            require(request.chunk_id, "chunk_id")
+        principal(request.actor)
+        if request.attempt_number <= 0:
+            raise InvalidArgument("attempt_number must be positive: the attempt that produced it")
+        name = artifact_name(request.name)
+        content_type(request.content_type)
+        content = artifact_content(request.content)
+        digest = hashlib.sha256(content).hexdigest()
+        owner_id = request.chunk_id or request.task_id
+        identifier = artifacts.artifact_id(owner_id, request.attempt_number, name)
+
+        async def operation(conn: asyncpg.Connection) -> pb.PutArtifactResponse:
+            run, earlier = await lock_run_replaying(conn, request, pb.PutArtifactResponse)
+            if earlier is not None:
+                return earlier
+            owner = await _fenced_owner(conn, run, request)
+            if run["state"] in states.RUN_TERMINAL:
+                raise FailedPrecondition(
+                    f"run {request.run_id} is {states.run_state_name(run['state'])}"
+                )
+            what = f"chunk {owner_id}" if request.chunk_id else f"task {owner_id}"
+            check_current_attempt(owner, request.attempt_number, what=what)
+            row = await conn.fetchrow(
+                "INSERT INTO artifacts (artifact_id, owner_id, run_id, task_id, chunk_id,"
+                " attempt_number, name, content_type, size_bytes, sha256, content)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                f" ON CONFLICT DO NOTHING RETURNING {artifacts.DESCRIPTION_COLUMNS}",
+                identifier,
+                owner_id,
+                request.run_id,
+                request.task_id,
+                request.chunk_id or None,
+                request.attempt_number,
+                name,
+                request.content_type,
+                len(content),
+                digest,
+                content,
+            )
+            if row is None:
+                raise AlreadyExists(
+                    f"artifact {identifier} already exists: a name is used once per attempt"
+                )
+            log = EventLog(request.run_id, run["last_sequence"])
+            log.add(
+                E.RUN_EVENT_TYPE_ARTIFACT_RECORDED,
+                request.actor,
+                task_id=request.task_id,
+                chunk_id=request.chunk_id,
+                payload={
+                    "artifact_id": identifier,
+                    "attempt_number": request.attempt_number,
+                    "name": name,
+                    "content_type": request.content_type,
+                    "size_bytes": len(content),
+                    "sha256": digest,
+                },
+            )
+            response = pb.PutArtifactResponse(artifact=convert.artifact(row))
+            await log.flush(conn, request=request, response=response)
+            return response
+
+        return await self.committer.submit(request.run_id, operation)
+
+    async def record_approval_decision(
+        self, request: pb.RecordApprovalDecisionRequest
+    ) -> pb.RecordApprovalDecisionResponse:
+        """Append a decision on a GOVERN task's approval request to the run's history."""
+        require(request.request_id, "request_id")
+        require(request.run_id, "run_id")
+        require(request.task_id, "task_id")
+        require(request.approval_id, "approval_id")
+        principal(request.actor)
+        outcome = one_of(request.outcome, "outcome", DECISION_OUTCOMES)
+        channel = one_of(request.channel, "channel", DECISION_CHANNELS)
+        approval_state = one_of(
+            request.approval_state.removeprefix("APPROVAL_STATE_"),
+            "approval_state",
+            APPROVAL_STATES,
+        )
+        reason = text(request.reason, "reason")
+
+        async def operation(conn: asyncpg.Connection) -> pb.RecordApprovalDecisionResponse:
+            run, earlier = await lock_run_replaying(
+                conn, request, pb.RecordApprovalDecisionResponse
+            )
+            if earlier is not None:
+                return earlier
+            kind = await conn.fetchval(
+                "SELECT kind FROM tasks WHERE task_id = $1 AND run_id = $2",
+                request.task_id,
+                request.run_id,
+            )
+            if kind is None:
+                raise NotFound(f"task {request.task_id!r} is not part of run {request.run_id}")
+            if kind != workflow_pb2.STEP_KIND_GOVERN:
+                raise FailedPrecondition(
+                    f"task {request.task_id} is not a GOVERN step (its kind is "
+                    f"{_kind_name(kind)}); approval decisions belong to GOVERN steps"
+                )
+            log = EventLog(request.run_id, run["last_sequence"])
+            log.add(
+                E.RUN_EVENT_TYPE_APPROVAL_DECISION_RECORDED,
+                request.actor,
+                task_id=request.task_id,
+                payload={
+                    "approval_id": request.approval_id,
+                    "outcome": outcome,
+                    "reason": reason,
+                    "channel": channel,
+                    "approval_state": approval_state,
+                },
+            )
+            response = pb.RecordApprovalDecisionResponse(event=log.queued()[-1])
+            await log.flush(conn, request=request, response=response)
+            return response
+
+        return await self.committer.submit(request.run_id, operation)
+
 
 # --- shared pieces of the operations -----------------------------------------------
 
@@ -731,6 +874,40 @@ async def _lock_chunk(conn: asyncpg.Connection, run_id: str, chunk_id: str) -> a
     if row is None:
         raise NotFound(f"chunk {chunk_id!r} is not part of run {run_id}")
     return row
+
+
+_TASK_SQL = (
+    "SELECT t.*, a.* FROM tasks t"
+    + _LAST_ATTEMPT.format(key="t.task_id")
+    + " WHERE t.task_id = $1 AND t.run_id = $2"
+)
+
+
+async def _fenced_owner(
+    conn: asyncpg.Connection, run: asyncpg.Record, request: pb.PutArtifactRequest
+) -> Mapping[str, Any]:
+    """The task, or chunk, an artifact is stored for, with its last attempt, after
+    the fencing check: the run's claim for a task, the chunk's own for a chunk."""
+    if not request.chunk_id:
+        check_claim(run, request.epoch, what=f"run {request.run_id}")
+        task: asyncpg.Record | None = await conn.fetchrow(
+            _TASK_SQL, request.task_id, request.run_id
+        )
+        if task is None:
+            raise NotFound(f"task {request.task_id!r} is not part of run {request.run_id}")
+        return dict(task)
+    chunk = await _lock_chunk(conn, request.run_id, request.chunk_id)
+    if chunk["task_id"] != request.task_id:
+        raise NotFound(f"chunk {request.chunk_id!r} is not part of task {request.task_id}")
+    row = {**dict(chunk), "now": run["now"]}
+    check_claim(row, request.epoch, what=f"chunk {request.chunk_id}")
+    return row
+
+
+def _kind_name(kind: int) -> str:
+    if kind not in workflow_pb2.StepKind.values():
+        return str(kind)
+    return workflow_pb2.StepKind.Name(kind).removeprefix("STEP_KIND_")  # type: ignore[arg-type]
 
 
 async def _apply_run_state(
@@ -880,7 +1057,8 @@ async def read_chunk(conn: asyncpg.Connection, chunk_id: str) -> run_pb2.ChunkRu
     row = await conn.fetchrow(_WITH_ATTEMPTS.format(table="chunks", key="chunk_id"), chunk_id)
     if row is None:
         raise NotFound(f"chunk {chunk_id!r} does not exist")
-    return convert.chunk(row, row["attempts_json"])
+    files = await artifacts.of_owners(conn, [chunk_id])
+    return convert.chunk(row, row["attempts_json"], files.get(chunk_id, []))
 
 
 async def read_run(conn: asyncpg.Connection, run_id: str, *, view: int) -> run_pb2.WorkflowRun:
@@ -902,11 +1080,19 @@ async def read_run(conn: asyncpg.Connection, run_id: str, *, view: int) -> run_p
             run_id,
         )
         counts_by_task = convert.group_by(counts_rows, "task_id")
+        files = await artifacts.of_run(conn, run_id, chunks=False)
         for task in tasks:
             counts = None
             if task["kind"] == workflow_pb2.STEP_KIND_CHUNKED:
                 counts = convert.chunk_counts(
                     counts_by_task.get(task["task_id"], []), complete=task["chunks_complete"]
                 )
-            result.tasks.append(convert.task(task, by_owner.get(task["task_id"], []), counts))
+            result.tasks.append(
+                convert.task(
+                    task,
+                    by_owner.get(task["task_id"], []),
+                    counts,
+                    files.get(task["task_id"], []),
+                )
+            )
     return result

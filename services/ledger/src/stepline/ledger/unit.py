@@ -6,7 +6,7 @@ committer hands each batch of such transitions to a :class:`StepUnit`:
 
 1. one statement locks and reads every row the batch touches (runs, tasks,
    chunks, their attempts, stored responses of replayed request ids, chunk
-   counts);
+   counts, the descriptions of their artifacts for the responses);
 2. each transition is validated and applied to those rows in memory, in
    order, so later transitions of the batch see earlier ones; a transition
    that fails validation raises before it changes anything;
@@ -41,6 +41,7 @@ from stepline.api.events.v1 import events_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from stepline.ledger import convert, states
+from stepline.ledger.artifacts import DESCRIPTION_COLUMNS
 from stepline.ledger.checks import check_claim, earlier_response
 from stepline.ledger.committer import UnitOperation
 from stepline.ledger.events import EventLog, event_rows, fingerprint
@@ -84,6 +85,10 @@ class StepUnit:
             (q["method"], q["request_id"]): (q["fingerprint"], q["response"])
             for q in record["replays"] or ()
         }
+        # Descriptions of the artifacts of the tasks and chunks, for responses.
+        self.artifacts: dict[str, list[Row]] = {}
+        for f in record["artifacts"] or ():
+            self.artifacts.setdefault(f["owner_id"], []).append(f)
         self.counts: dict[str, Counter[int]] = {}
         self.complete: dict[str, bool] = {}
         for c in record["counts"] or ():
@@ -501,7 +506,12 @@ class TaskTransition(_StepTransition):
         if owner["kind"] == workflow_pb2.STEP_KIND_CHUNKED:
             counts = unit.chunk_counts(owner["task_id"])
         return pb.TransitionTaskResponse(
-            task=convert.task(owner, unit.attempts.get(owner["task_id"], []), counts),
+            task=convert.task(
+                owner,
+                unit.attempts.get(owner["task_id"], []),
+                counts,
+                unit.artifacts.get(owner["task_id"], []),
+            ),
             event_sequence=sequence,
         )
 
@@ -528,19 +538,26 @@ class ChunkTransition(_StepTransition):
 
     def response(self, unit: StepUnit, owner: Row, sequence: int) -> Message:
         return pb.TransitionChunkResponse(
-            chunk=convert.chunk(owner, unit.attempts.get(owner["chunk_id"], [])),
+            chunk=convert.chunk(
+                owner,
+                unit.attempts.get(owner["chunk_id"], []),
+                unit.artifacts.get(owner["chunk_id"], []),
+            ),
             counts=unit.chunk_counts(owner["task_id"]),
             event_sequence=sequence,
         )
 
 
-_LOAD_SQL = """
+_LOAD_SQL = f"""
 SELECT clock_timestamp() AS now,
     (SELECT array_agg(r) FROM runs r WHERE r.run_id = ANY($1::text[])) AS runs,
     (SELECT array_agg(t) FROM tasks t WHERE t.task_id = ANY($2::text[])) AS tasks,
     (SELECT array_agg(c) FROM chunks c WHERE c.chunk_id = ANY($3::text[])) AS chunks,
     (SELECT array_agg(a ORDER BY a.owner_id, a.attempt_number) FROM attempts a
         WHERE a.owner_id = ANY($2::text[] || $3::text[])) AS attempts,
+    (SELECT json_agg(f ORDER BY f.create_time, f.artifact_id) FROM (
+        SELECT {DESCRIPTION_COLUMNS} FROM artifacts
+        WHERE owner_id = ANY($2::text[] || $3::text[])) f) AS artifacts,
     (SELECT array_agg(q) FROM requests q
         JOIN unnest($4::text[], $5::text[]) AS k(method, request_id)
         ON q.method = k.method AND q.request_id = k.request_id) AS replays,

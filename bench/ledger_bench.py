@@ -8,27 +8,36 @@ then measures with the same number of concurrent clients:
    one commit per insert: the database's commit rate for this machine;
 2. ledger: each client drives its own run through task transitions
    (RUNNING, SUCCEEDED, ...) via the ledger's store and group committer, the
-   same code path as the LedgerService RPCs, minus gRPC;
-3. ledger over gRPC (``--grpc``): the same through a LedgerService served by
-   a separate ledger process over loopback gRPC.
+   same code path as the LedgerService RPCs, minus gRPC, in this process.
 
-Prints transitions per second, p50/p99 latency and the ratio to plain inserts.
+Prints transitions per second, p50/p99 latency and the ratio to plain inserts,
+and for each phase where the CPU went: this process (the ledger's store and
+committer, and the clients), PostgreSQL (all its processes), the rest of the
+machine; plus WAL bytes and commits per operation. ``--tables`` adds the rows
+each transition inserts and updates per table (and how many updates were HOT,
+i.e. wrote no index entry); ``--profile`` runs the ledger phase under
+cProfile and prints its top functions.
 
-    .venv/bin/python bench/ledger_bench.py [--clients 32] [--seconds 10] [--grpc]
+    .venv/bin/python bench/ledger_bench.py [--clients 32] [--seconds 10] [--shards 4]
+        [--tables] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import os
+import pstats
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
+import psutil
 
 from stepline.api.common.v1 import common_pb2, workflow_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
@@ -45,6 +54,113 @@ STEPS = 400
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# --------------------------------------------------------------------------- where it went
+
+
+def _tree_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) of ``pid`` and its children; 0 if unknown."""
+    if pid is None:
+        return 0.0
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def _machine_busy() -> tuple[float, float]:
+    t = psutil.cpu_times()
+    idle = t.idle + getattr(t, "iowait", 0.0)
+    total = sum(t)
+    return total - idle, total
+
+
+_TABLE_STATS = (
+    "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
+    " WHERE schemaname = $1"
+)
+
+
+@dataclass
+class Snapshot:
+    wall: float
+    own_cpu: float
+    pg_cpu: float
+    machine: tuple[float, float]
+    wal: int
+    commits: int
+    tables: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+
+async def snapshot(dsn: str, pg_pid: int | None, schema: str | None = None) -> Snapshot:
+    conn = await asyncpg.connect(dsn)
+    try:
+        wal = int(await conn.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
+        commits = int(
+            await conn.fetchval(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+            )
+        )
+        tables = {}
+        if schema is not None:
+            tables = {r[0]: (r[1], r[2], r[3]) for r in await conn.fetch(_TABLE_STATS, schema)}
+    finally:
+        await conn.close()
+    return Snapshot(
+        time.perf_counter(),
+        time.process_time(),
+        _tree_cpu(pg_pid),
+        _machine_busy(),
+        wal,
+        commits,
+        tables,
+    )
+
+
+def usage(name: str, before: Snapshot, after: Snapshot, ops: int, *, pg_known: bool) -> None:
+    """Print CPU (% of one core), WAL and commits per operation between two snapshots."""
+    elapsed = after.wall - before.wall
+    own = (after.own_cpu - before.own_cpu) / elapsed
+    pg = (after.pg_cpu - before.pg_cpu) / elapsed
+    busy = (after.machine[0] - before.machine[0]) / elapsed
+    cores = os.cpu_count() or 1
+    pg_text = f"PostgreSQL {pg:4.0%}" if pg_known else "PostgreSQL n/a"
+    print(
+        f"  {name}: CPU (of one core) bench process {own:4.0%}, {pg_text},"
+        f" rest of machine {max(0.0, busy - own - pg):4.0%} (of {cores} cores)"
+    )
+    per_op = 1e6 / max(1, ops) * elapsed
+    pg_per_op = f", PostgreSQL {pg * per_op:.0f} us" if pg_known else ""
+    print(
+        f"  {name}: per operation: bench process {own * per_op:.0f} us CPU{pg_per_op},"
+        f" {(after.wal - before.wal) / max(1, ops):,.0f} WAL bytes,"
+        f" {(after.commits - before.commits) / max(1, ops):.2f} commits"
+    )
+
+
+def table_usage(before: Snapshot, after: Snapshot, ops: int) -> None:
+    print("  rows per transition (inserted / updated / of which HOT):")
+    for table in sorted(after.tables):
+        b = before.tables.get(table, (0, 0, 0))
+        a = after.tables[table]
+        ins, upd, hot = (a[i] - b[i] for i in range(3))
+        if ins or upd:
+            print(
+                f"    {table:<12} {ins / ops:5.2f} / {upd / ops:5.2f} / {hot / max(1, ops):5.2f}"
+            )
+
+
+# --------------------------------------------------------------------------- phases
 
 
 async def timed_loop(
@@ -69,7 +185,9 @@ async def timed_loop(
     return sum(counts), latencies, time.perf_counter() - began
 
 
-async def plain_inserts(dsn: str, clients: int, seconds: float) -> tuple[int, list[float], float]:
+async def plain_inserts(
+    dsn: str, clients: int, seconds: float, pg_pid: int | None
+) -> tuple[int, list[float], float]:
     setup = await asyncpg.connect(dsn)
     await setup.execute(
         "DROP TABLE IF EXISTS plain; CREATE TABLE plain (id bigserial PRIMARY KEY, v text)"
@@ -86,7 +204,11 @@ async def plain_inserts(dsn: str, clients: int, seconds: float) -> tuple[int, li
 
             return step
 
-        return await timed_loop(clients, seconds, make)
+        before = await snapshot(dsn, pg_pid)
+        result = await timed_loop(clients, seconds, make)
+        after = await snapshot(dsn, pg_pid)
+        usage("plain", before, after, result[0], pg_known=pg_pid is not None)
+        return result
     finally:
         for conn in conns:
             await conn.close()
@@ -159,38 +281,65 @@ class RunDriver:
         self.phase = 1 - self.phase
 
 
+@dataclass(frozen=True)
+class Options:
+    clients: int
+    seconds: float
+    shards: int
+    tables: bool
+    profile: bool
+    profile_top: int
+
+
 async def ledger_store(
-    dsn: str, clients: int, seconds: float, shards: int
+    dsn: str, options: Options, pg_pid: int | None
 ) -> tuple[int, list[float], float, float]:
     pool = await create_pool(
         dsn,
         schema="ledger",
         migrations=load_migrations("stepline.ledger"),
-        min_size=shards,
-        max_size=shards + 4,
+        min_size=options.shards,
+        max_size=options.shards + 4,
     )
-    committer = GroupCommitter(pool, shards=shards)
+    committer = GroupCommitter(pool, shards=options.shards)
     await committer.start()
     store = LedgerStore(pool, committer)
 
     async def call(method: str, request: object) -> object:
         return await getattr(store, method)(request)
 
-    drivers = [RunDriver(call, n) for n in range(clients)]
+    drivers = [RunDriver(call, n) for n in range(options.clients)]
     for driver in drivers:
         await driver.new_run()
+    schema = "ledger" if options.tables else None
+    profile = cProfile.Profile(time.process_time) if options.profile else None
     try:
-        cpu = time.process_time()
-        ops, latencies, elapsed = await timed_loop(clients, seconds, lambda n: drivers[n].step)
-        cpu = time.process_time() - cpu
-        print(
-            f"ledger process CPU: {cpu / elapsed:.0%} of one core,"
-            f" {cpu / ops * 1e6:.0f} us per transition"
+        if schema is not None:
+            await asyncio.sleep(1.5)  # backends report table statistics when idle
+        before = await snapshot(dsn, pg_pid, schema)
+        if profile is not None:
+            profile.enable()
+        ops, latencies, elapsed = await timed_loop(
+            options.clients, options.seconds, lambda n: drivers[n].step
         )
+        if profile is not None:
+            profile.disable()
+        after = await snapshot(dsn, pg_pid)
         per_batch = committer.operations / max(1, committer.batches)
     finally:
         await committer.close()
         await pool.close()
+    usage("ledger", before, after, ops, pg_known=pg_pid is not None)
+    if schema is not None:
+        await asyncio.sleep(1.5)
+        after.tables = (await snapshot(dsn, None, schema)).tables
+        table_usage(before, after, ops)
+    if profile is not None:
+        stats = pstats.Stats(profile)
+        print(f"\n  profile of the ledger phase: top {options.profile_top} by own time")
+        stats.sort_stats("tottime").print_stats(
+            r"^(?!.*(epoll|_run_once|Context' obj))", options.profile_top
+        )
     return ops, latencies, elapsed, per_batch
 
 
@@ -208,7 +357,17 @@ async def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--shards", type=int, default=4, help="group-commit shards")
+    parser.add_argument(
+        "--tables", action="store_true", help="rows inserted/updated per table and transition"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="run the ledger phase under cProfile"
+    )
+    parser.add_argument("--profile-top", type=int, default=30, help="functions shown")
     args = parser.parse_args()
+    options = Options(
+        args.clients, args.seconds, args.shards, args.tables, args.profile, args.profile_top
+    )
 
     record = None
     dsn = os.environ.get("STEPLINE_BENCH_DATABASE_URL")
@@ -219,17 +378,16 @@ async def main() -> None:
                 Path(tmp) / "pg", port=port, log_path=Path(tmp) / "pg.log"
             )
             dsn = embedded.postgres_dsn(port)
+        pg_pid = record.pid if record is not None else None
         try:
             print(
                 f"PostgreSQL: {dsn}  clients: {args.clients}  seconds: {args.seconds}"
-                f"  cores: {os.cpu_count()}"
+                f"  cores: {os.cpu_count()}  shards: {args.shards}"
             )
             plain = report(
-                "plain insert+commit", *await plain_inserts(dsn, args.clients, args.seconds)
+                "plain insert+commit", *await plain_inserts(dsn, args.clients, args.seconds, pg_pid)
             )
-            ops, latencies, elapsed, per_batch = await ledger_store(
-                dsn, args.clients, args.seconds, args.shards
-            )
+            ops, latencies, elapsed, per_batch = await ledger_store(dsn, options, pg_pid)
             ledger = report("ledger transitions (store)", ops, latencies, elapsed)
             print(
                 f"ratio ledger/plain: {ledger / plain:.2f}"

@@ -285,11 +285,6 @@ async def test_parallel_example_joins_both_branches(api: Api) -> None:
     assert outputs(join.output) == {"left": "left done after starting", "right": "right done"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the executor does not run govern steps yet: the run FAILS with INTERNAL "
-    "'govern steps are not supported by this executor' (runner.py Execution.step)",
-)
 async def test_approval_example_suspends_until_someone_decides(api: Api) -> None:
     await api.example("approval")
     run_id = (await api.start("approval", {"amount": 42})).run.run_id
@@ -305,7 +300,7 @@ async def test_approval_example_suspends_until_someone_decides(api: Api) -> None
     )
     run = await api.finished(run_id)
     assert run.state == R.WORKFLOW_RUN_STATE_CANCELLED
-    assert task(run, "approved").state == T.TASK_RUN_STATE_SKIPPED
+    assert task(run, "publish").state == T.TASK_RUN_STATE_SKIPPED
 
 
 # --- run control -------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from stepline.api.approvals.v1 import approvals_pb2 as apb
@@ -25,7 +26,13 @@ from stepline.api.common.v1 import common_pb2, run_pb2, workflow_pb2
 from stepline.api.events.v1 import events_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common import jetstream
+from stepline.common.client import open_channel
+from stepline.common.config import ClientSettings
 from stepline.common.plan import plan
+from stepline.executor.govern import late_cancel
+from stepline.executor.ledger import Ledger
+from stepline.executor.runner import Worker
+from stepline.executor.verbs.registry import VerbRegistry
 
 from .conftest import OPERATOR, WAIT_S, Mesh, atomic, workflow
 
@@ -430,7 +437,8 @@ async def test_cancel_while_held_cancels_the_step_and_the_run(gates: Gates) -> N
     async with gates.executor():
         run_id = await mesh.start(gated(hold_device=True), {"amount": 9})
         await gates.suspended(run_id, held=True)
-        assert not await mesh.control(run_id, run_pb2.CONTROL_ACTION_CANCEL, "no longer needed")
+        # pending for the holder (or, the run being SUSPENDED, applied by the ledger)
+        await mesh.control(run_id, run_pb2.CONTROL_ACTION_CANCEL, "no longer needed")
         run = await mesh.wait_run(run_id)
     assert run.state == R.WORKFLOW_RUN_STATE_CANCELLED
     assert run.failure.message == "no longer needed"
@@ -530,3 +538,38 @@ async def test_a_child_run_that_suspends_is_followed_by_its_parent(gates: Gates)
     assert run.state == R.WORKFLOW_RUN_STATE_SUCCEEDED, run.failure
     assert (await mesh.get(child_id)).state == R.WORKFLOW_RUN_STATE_SUCCEEDED
     assert task(run, "after").state == T.TASK_RUN_STATE_SUCCEEDED
+
+
+async def test_a_cancel_left_pending_by_a_suspending_holder_is_applied(mesh: Mesh) -> None:
+    """The cancel came while the holder was releasing the suspended run: the
+    ledger kept it pending for a holder that is gone, so the executor applies it."""
+    run_id = await mesh.create(gated())
+    claim = await mesh.stub.ClaimRun(
+        pb.ClaimRunRequest(
+            request_id=f"c-{run_id}",
+            run_id=run_id,
+            executor_id="executor-x",
+            lease_duration=Duration(seconds=30),
+        )
+    )
+    settings = ClientSettings(service_token=mesh.credentials.service_token)
+    async with open_channel(mesh.ledger_addr, settings=settings) as channel:
+        ledger = Ledger(channel, executor_id="executor-x")
+        fence = ledger.fence(claim)
+        await fence.transition_run(R.WORKFLOW_RUN_STATE_RUNNING)
+        await fence.transition_run(R.WORKFLOW_RUN_STATE_SUSPENDED)
+        assert not await mesh.control(run_id, run_pb2.CONTROL_ACTION_CANCEL, "late")  # held
+        await fence.release("suspended")
+        worker = Worker(
+            settings=mesh.settings("executor-x"),
+            ledger=ledger,
+            nc=mesh.nc,
+            js=mesh.nc.jetstream(),
+            registry=VerbRegistry.default(plugins=[]),
+        )
+        why = await late_cancel(worker, run_id)
+        assert why is not None and why.reason == F.FAILURE_REASON_CANCELLED
+        run = await mesh.get(run_id)
+        assert run.state == R.WORKFLOW_RUN_STATE_CANCELLED
+        assert not run.claim.executor_id
+        assert await late_cancel(worker, run_id) is None  # nothing left to do

@@ -278,6 +278,149 @@ def test_invalid_definitions_are_refused_with_pointed_messages(
     assert expected in caught.value.message
 
 
+def gate(policy: dict[str, Any], **fields: Any) -> workflow_pb2.WorkflowDefinition:
+    """BASE with a GOVERN step "approve" between fetch and charge."""
+    steps = copy.deepcopy(BASE["steps"])
+    steps.insert(1, {"id": "approve", "govern": {"policy": policy, **fields}})
+    return definition(steps=steps)
+
+
+ROLES = {"approver_roles": ["approver"]}
+GOVERN_INVALID: list[tuple[str, workflow_pb2.WorkflowDefinition, str]] = [
+    (
+        "no approvers",
+        gate({"required_approvals": 2}),
+        'steps[1] "approve": govern.policy: approver_principals or approver_roles is required',
+    ),
+    (
+        "empty principal",
+        gate({"approver_principals": ["alice", " "]}),
+        'steps[1] "approve": govern.policy.approver_principals[1]: is empty',
+    ),
+    (
+        "duplicate role",
+        gate({"approver_roles": ["approver", "approver"]}),
+        'steps[1] "approve": govern.policy.approver_roles[1]: duplicate "approver"',
+    ),
+    (
+        "negative quorum",
+        gate({**ROLES, "required_approvals": -1}),
+        'steps[1] "approve": govern.policy.required_approvals: must not be negative',
+    ),
+    (
+        "quorum beyond the principals",
+        gate({"approver_principals": ["alice", "bob"], "required_approvals": 3}),
+        "govern.policy.required_approvals: 3 approvals can never be reached by 2 approver",
+    ),
+    (
+        "huge quorum",
+        gate({**ROLES, "required_approvals": 1000}),
+        "govern.policy.required_approvals: must be at most 100",
+    ),
+    (
+        "negative expiry",
+        gate({**ROLES, "expiry": "-60s"}),
+        'steps[1] "approve": govern.policy.expiry: must not be negative',
+    ),
+    (
+        "zero expiry",
+        gate({**ROLES, "expiry": "0s"}),
+        "govern.policy.expiry: must be longer than 0s (leave it unset for no expiry)",
+    ),
+    (
+        "unknown expiry outcome",
+        gate({**ROLES, "expiry_outcome": 7}),
+        "govern.policy.expiry_outcome: unknown value 7",
+    ),
+    (
+        "context key of a later step",
+        gate(ROLES, context_keys=["steps.charge.total"]),
+        'steps[1] "approve": govern.context_keys[0]: {{ steps.charge.total }} refers to step '
+        '"charge", which does not run before this step',
+    ),
+    (
+        "context key of an undeclared input",
+        gate(ROLES, context_keys=["inputs.amount"]),
+        "govern.context_keys[0]: {{ inputs.amount }} refers to undeclared input",
+    ),
+    (
+        "malformed context key",
+        gate(ROLES, context_keys=["{{ inputs.account }}"]),
+        "govern.context_keys[0]: '{{ inputs.account }}' is not a dotted name",
+    ),
+    (
+        "chunk record as context",
+        gate(ROLES, context_keys=["record.id"]),
+        "govern.context_keys[0]: {{ record.id }}: record.* is only available in chunked",
+    ),
+    (
+        "duplicate context key",
+        gate(ROLES, context_keys=["inputs.account", "inputs.account"]),
+        'govern.context_keys[1]: duplicate key "inputs.account"',
+    ),
+    (
+        "retry on a gate",
+        with_step(1, {"id": "charge", "govern": {"policy": ROLES}, "retry": {"max_attempts": 2}}),
+        'steps[1] "charge": retry: is not supported on a govern step',
+    ),
+    (
+        "device on a gate",
+        with_step(1, {"id": "charge", "govern": {"policy": ROLES}, "device": {"pool": "x"}}),
+        'steps[1] "charge": device: is not supported on a govern step',
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [(d, m) for _, d, m in GOVERN_INVALID],
+    ids=[c for c, _, _ in GOVERN_INVALID],
+)
+def test_invalid_govern_steps_are_refused_with_pointed_messages(
+    bad: workflow_pb2.WorkflowDefinition, expected: str
+) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        validate_definition(bad)
+    assert expected in caught.value.message
+
+
+def test_a_govern_step_maps_onto_the_proto() -> None:
+    text = """
+name: gated
+allowed_verbs: [core.echo]
+input_schema:
+  fields: [{name: amount, type: INPUT_TYPE_INT}]
+steps:
+  - id: prep
+    atomic: {verb: core.echo, args: {total: "{{ inputs.amount }}"}}
+  - id: approve
+    govern:
+      policy:
+        approver_principals: [alice, bob]
+        approver_roles: [finance]
+        required_approvals: 2
+        allow_initiator: true
+        expiry: 3600s
+        expiry_outcome: APPROVAL_EXPIRY_OUTCOME_FAILED
+      context_keys: [inputs.amount, steps.prep.total]
+      hold_device: true
+"""
+    parsed = parse_source(text, YAML)
+    validate_definition(parsed)
+    govern = parsed.steps[1].govern
+    assert list(govern.policy.approver_principals) == ["alice", "bob"]
+    assert list(govern.policy.approver_roles) == ["finance"]
+    assert govern.policy.required_approvals == 2
+    assert govern.policy.allow_initiator
+    assert govern.policy.expiry.seconds == 3600
+    assert govern.policy.expiry_outcome == workflow_pb2.APPROVAL_EXPIRY_OUTCOME_FAILED
+    assert list(govern.context_keys) == ["inputs.amount", "steps.prep.total"]
+    assert govern.hold_device
+    assert parse_source(to_source(parsed, YAML), YAML) == parsed
+    # principals only: a quorum of all of them is reachable
+    validate_definition(gate({"approver_principals": ["alice", "bob"], "required_approvals": 2}))
+
+
 def test_every_problem_is_reported() -> None:
     bad = with_step(1, {**atomic("charge", "nope.verb"), "timeout": "-1s"})
     with pytest.raises(InvalidArgument) as caught:

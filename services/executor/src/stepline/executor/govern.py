@@ -58,7 +58,7 @@ from stepline.executor.verbs.base import VerbError
 from stepline.executor.verbs.templating import render
 
 if TYPE_CHECKING:
-    from stepline.executor.runner import Execution
+    from stepline.executor.runner import Execution, Worker
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,8 @@ class Gate:
 
     async def _hold(self, approvals: Approvals, approval: apb.Approval) -> apb.Approval | Halt:
         """Wait for the decision with the claim held and the run SUSPENDED; the run
-        is RUNNING again when this returns (unless the claim was lost)."""
+        is RUNNING again when this returns (unless the claim was lost or the run
+        is cancelled: it goes from SUSPENDED to CANCELLED)."""
         approval_id = approval.approval_id
         log.info("waiting for approval %s under the claim (hold_device)", approval_id)
         await self._write_run(R.WORKFLOW_RUN_STATE_SUSPENDED, f"{approval_id}:held", "suspended")
@@ -331,13 +332,11 @@ class Gate:
         control = self.ex.control
         if outcome == "lost":
             return Halt("lost")
+        if outcome == "cancel":  # SUSPENDED -> CANCELLED; the ledger cancels the task with it
+            return Halt("cancel", failure(F.FAILURE_REASON_CANCELLED, control.reason))
         await self._write_run(R.WORKFLOW_RUN_STATE_RUNNING, f"{approval_id}:woken", "resumed")
         if isinstance(outcome, apb.Approval):
             return outcome
-        if outcome == "cancel":
-            why = failure(F.FAILURE_REASON_CANCELLED, control.reason or "the run was cancelled")
-            await self.target.write(T.TASK_RUN_STATE_CANCELLED, failure=why)
-            return Halt("cancel", why)
         if outcome == "deadline":
             why = failure(F.FAILURE_REASON_DEADLINE_EXCEEDED, "the run exceeded its run_timeout")
             await self.target.write(T.TASK_RUN_STATE_TIMED_OUT, failure=why)
@@ -446,6 +445,10 @@ async def suspend(ex: Execution) -> bool:
         ex.fence, R.WORKFLOW_RUN_STATE_SUSPENDED, f"{key}:suspended", "suspended"
     )
     ex.run_record.state = moved.state
+    if moved.pending_control == C.CONTROL_ACTION_CANCEL:
+        # asked while the run was held and not seen yet: nobody else would apply it
+        ex.control.apply(C.CONTROL_ACTION_CANCEL, ex.control.reason)
+        return False
     if ex.control.draining or not await _decided(ex.worker.approvals, waiting):
         return False
     moved = await write_run(ex.fence, R.WORKFLOW_RUN_STATE_RUNNING, f"{key}:resumed", "resumed")
@@ -469,3 +472,32 @@ async def _decided(approvals: Approvals | None, approval_ids: list[str]) -> bool
         if approval.state != A.APPROVAL_STATE_PENDING:
             return True
     return False
+
+
+async def late_cancel(worker: Worker, run_id: str) -> common_pb2.Failure | None:
+    """After a suspended run's claim was released: a cancel asked in the moment
+    it was being suspended is left pending on a run nobody holds (the ledger
+    applies a cancel at once only to an unheld run). Claim the run back and
+    apply it, SUSPENDED -> CANCELLED; returns its failure, or None."""
+    try:
+        run = await worker.ledger.get_run(run_id)
+        if (
+            run.state != R.WORKFLOW_RUN_STATE_SUSPENDED
+            or run.pending_control != C.CONTROL_ACTION_CANCEL
+            or run.claim.executor_id  # someone took it: it applies the cancel
+        ):
+            return None
+        log.info("a cancel came while the run suspended; applying it")
+        claim = await worker.ledger.claim(
+            request_id=f"claim:{run_id}:late-cancel:{run.claim.epoch}",
+            run_id=run_id,
+            lease_s=worker.settings.lease_s,
+        )
+        fence = worker.ledger.fence(claim)
+        why = failure(F.FAILURE_REASON_CANCELLED, "cancelled while the run was suspending")
+        await fence.transition_run(R.WORKFLOW_RUN_STATE_CANCELLED, failure=why)
+        await fence.release("terminal")
+    except SteplineError as exc:
+        log.warning("run %s: a pending cancel was not applied: %s", run_id, exc)
+        return None
+    return why

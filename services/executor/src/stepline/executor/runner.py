@@ -462,7 +462,11 @@ class Execution:
                 return RunEnd(0)
             if self.control.cancelled:  # came while it suspended: SUSPENDED -> CANCELLED
                 return await self.finish(Halt("cancel"))
-            return await self._released(RunEnd(R.WORKFLOW_RUN_STATE_SUSPENDED), "suspended")
+            await self._released(RunEnd(R.WORKFLOW_RUN_STATE_SUSPENDED), "suspended")
+            why = await govern.late_cancel(self.worker, self.run_id)
+            if why is not None:
+                return RunEnd(R.WORKFLOW_RUN_STATE_CANCELLED, why)
+            return RunEnd(R.WORKFLOW_RUN_STATE_SUSPENDED)
         if halt.kind == "drain":
             return await self._released(
                 RunEnd(R.WORKFLOW_RUN_STATE_RUNNING, disposition=NAK), "shutdown"

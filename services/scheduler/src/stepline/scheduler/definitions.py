@@ -44,6 +44,8 @@ MAX_ALLOWED_VERBS = 200
 MAX_LABELS = 64
 MAX_DESCRIPTION = 4096
 MAX_PROBLEMS = 20
+MAX_REQUIRED_APPROVALS = 100
+MAX_CONTEXT_KEYS = 50
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,127}$")
 STEP_ID_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
@@ -308,7 +310,7 @@ class _Validator:
         elif kind == "chunked":
             self.chunked(step.chunked, at, earlier)
         elif kind == "govern":
-            self.govern(step.govern, at, earlier)
+            self.govern(step, at, earlier)
         else:
             done |= self.parallel(step, at, earlier, depth=depth)
         done.add(step.id)
@@ -346,15 +348,28 @@ class _Validator:
         self.templates(chunked.generator_args, f"{at}: chunked.generator_args", earlier)
         self.templates(chunked.chunk_args, f"{at}: chunked.chunk_args", earlier, chunk=True)
 
-    def govern(self, govern: workflow_pb2.Govern, at: str, earlier: set[str]) -> None:
+    def govern(self, step: workflow_pb2.Step, at: str, earlier: set[str]) -> None:
+        govern = step.govern
         policy = govern.policy
         where = f"{at}: govern.policy"
         if not policy.approver_principals and not policy.approver_roles:
             self.problems.add(
                 where, "approver_principals or approver_roles is required (who may approve)"
             )
+        for name in ("approver_principals", "approver_roles"):
+            seen: set[str] = set()
+            for index, value in enumerate(getattr(policy, name)):
+                if not value.strip():
+                    self.problems.add(f"{where}.{name}[{index}]", "is empty")
+                elif value in seen:
+                    self.problems.add(f"{where}.{name}[{index}]", f"duplicate {_q(value)}")
+                seen.add(value)
         if policy.required_approvals < 0:
             self.problems.add(f"{where}.required_approvals", "must not be negative (0 means 1)")
+        elif policy.required_approvals > MAX_REQUIRED_APPROVALS:
+            self.problems.add(
+                f"{where}.required_approvals", f"must be at most {MAX_REQUIRED_APPROVALS}"
+            )
         elif (
             not policy.approver_roles
             and policy.approver_principals
@@ -365,11 +380,33 @@ class _Validator:
                 f"{policy.required_approvals} approvals can never be reached by "
                 f"{len(set(policy.approver_principals))} approver principals",
             )
-        self.duration(f"{where}.expiry", policy.expiry if policy.HasField("expiry") else None)
+        if policy.HasField("expiry"):
+            self.duration(f"{where}.expiry", policy.expiry)
+            if policy.expiry.ToTimedelta().total_seconds() == 0:
+                self.problems.add(
+                    f"{where}.expiry", "must be longer than 0s (leave it unset for no expiry)"
+                )
         if policy.expiry_outcome not in workflow_pb2.ApprovalExpiryOutcome.values():
             self.problems.add(f"{where}.expiry_outcome", f"unknown value {policy.expiry_outcome}")
+        if len(govern.context_keys) > MAX_CONTEXT_KEYS:
+            self.problems.add(f"{at}: govern.context_keys", f"more than {MAX_CONTEXT_KEYS} keys")
+        keys: set[str] = set()
         for index, key in enumerate(govern.context_keys):
-            self.reference(key, f"{at}: govern.context_keys[{index}]", earlier, chunk=False)
+            here = f"{at}: govern.context_keys[{index}]"
+            if key in keys:
+                self.problems.add(here, f"duplicate key {_q(key)}")
+            keys.add(key)
+            self.reference(key, here, earlier, chunk=False)
+        if step.HasField("retry"):
+            self.problems.add(
+                f"{at}: retry", "is not supported on a govern step (a decision is not retried)"
+            )
+        if step.HasField("device"):
+            self.problems.add(
+                f"{at}: device",
+                "is not supported on a govern step: it uses no device (hold_device keeps the "
+                "device of an enclosing span)",
+            )
 
     def parallel(
         self, step: workflow_pb2.Step, at: str, earlier: set[str], *, depth: int

@@ -16,6 +16,11 @@ period, or past the run's deadline with nobody to end it) and:
   RUNNING first if it was PENDING, PAUSED or SUSPENDED (recorded with the
   reason ``deadline_passed``), then to TIMED_OUT.
 
+A SUSPENDED run waits for a person and is no orphan (unless past its
+deadline); it is dispatched again when its approval is decided, by
+:mod:`stepline.scheduler.suspended` (the ApprovalDecided listener, and a
+sweep for decisions whose event was lost).
+
 Chunks are not reconciled here: ``ListOrphanedRuns`` lists runs only, and the
 chunks of a run are dispatched by the executor that holds the run.
 

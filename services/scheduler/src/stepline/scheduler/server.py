@@ -1,9 +1,11 @@
 """The scheduler's gRPC server: definitions, triggers and run control.
 
-It serves ``WorkflowService`` and ``SchedulerService`` and runs two loops
-beside them, both safe in every replica at once: the cron ticker (schedules
-claimed in PostgreSQL, see :mod:`stepline.scheduler.schedules`) and the
-reconciler (redispatch of orphaned runs, see :mod:`stepline.scheduler.reconciler`).
+It serves ``WorkflowService`` and ``SchedulerService`` and runs loops beside
+them, all safe in every replica at once: the cron ticker (schedules claimed in
+PostgreSQL, see :mod:`stepline.scheduler.schedules`), the reconciler
+(redispatch of orphaned runs, see :mod:`stepline.scheduler.reconciler`), and
+the wake-up of runs suspended at a GOVERN step once their approval is decided
+(the ApprovalDecided listener and its sweep, see :mod:`stepline.scheduler.suspended`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncpg
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
+from stepline.api.approvals.v1 import approvals_pb2_grpc
 from stepline.api.ledger.v1 import ledger_pb2_grpc
 from stepline.api.scheduler.v1 import (
     scheduler_service_pb2,
@@ -32,9 +37,13 @@ from stepline.scheduler.config import SchedulerSettings
 from stepline.scheduler.reconciler import Reconciler
 from stepline.scheduler.scheduler_service import Jobs, Runs, SchedulerServicer
 from stepline.scheduler.schedules import Clock, ScheduleStore, Ticker, wall_clock
+from stepline.scheduler.suspended import ApprovalListener, SuspendedSweep
 from stepline.scheduler.watch import RunWatcher
 from stepline.scheduler.workflow_service import WorkflowServicer
 from stepline.scheduler.workflows import WorkflowStore
+
+if TYPE_CHECKING:
+    from stepline.api.approvals.v1.approvals_pb2_grpc import ApprovalsServiceAsyncStub
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +57,13 @@ class Scheduler:
 
     pool: asyncpg.Pool
     nc: NATS
+    js: JetStreamContext
     workflows: WorkflowStore
     runs: Runs
     schedules: ScheduleStore
     watcher: RunWatcher
+    #: the approvals service (None without STEPLINE_APPROVALS_ADDR)
+    approvals: ApprovalsServiceAsyncStub | None = None
 
 
 @contextlib.asynccontextmanager
@@ -73,17 +85,24 @@ async def connected(
         channel = open_channel(settings.ledger_addr, settings=settings.client)
         stack.push_async_callback(channel.close)
         ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+        approvals = None
+        if settings.approvals_addr:
+            approvals_channel = open_channel(settings.approvals_addr, settings=settings.client)
+            stack.push_async_callback(approvals_channel.close)
+            approvals = approvals_pb2_grpc.ApprovalsServiceStub(approvals_channel)
         workflows = WorkflowStore(pool)
         runs = Runs(workflows=workflows, ledger=ledger, jobs=Jobs(js, settings.nats.streams))
         yield Scheduler(
             pool=pool,
             nc=nc,
+            js=js,
             workflows=workflows,
             runs=runs,
             schedules=ScheduleStore(pool, runs, clock=clock),
             watcher=RunWatcher(
                 ledger=ledger, nc=nc, streams=settings.nats.streams, poll_s=settings.watch_poll_s
             ),
+            approvals=approvals,
         )
 
 
@@ -144,6 +163,15 @@ async def running(settings: SchedulerSettings) -> AsyncIterator[GrpcHost]:
             ("scheduler-cron-ticker", settings.tick_interval_s, ticker.tick),
             ("scheduler-reconciler", settings.reconcile_interval_s, reconciler.reconcile),
         ]
+        if settings.approval_listener:
+            listener = ApprovalListener(parts.runs, parts.js, settings.nats.streams)
+            # runs until cancelled; restarted a second after a failure
+            loops.append(("scheduler-approval-listener", 1.0, listener.run))
+        if parts.approvals is not None:
+            sweep = SuspendedSweep(parts.runs, parts.approvals, grace_s=settings.orphan_grace_s)
+            loops.append(
+                ("scheduler-suspended-sweep", settings.suspended_sweep_interval_s, sweep.sweep)
+            )
         async with serving(host), background(loops):
             yield host
 

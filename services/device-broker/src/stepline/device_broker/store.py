@@ -1,0 +1,570 @@
+"""The broker's PostgreSQL statements (schema ``device_broker``).
+
+Every state change is one small transaction whose WHERE clause restates what
+the in-memory view assumed (the device is AVAILABLE and bound to the lease's
+account, the lease is live and carries this token, ...), so the database stays
+right even when the view is behind; a partial unique index keeps one live lease
+per device whatever happens. Each change of a device bumps its ``version``,
+which the view uses to apply changes in commit order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeAlias, TypeVar
+
+import asyncpg
+from google.protobuf.message import Message
+
+from stepline.common.errors import Aborted
+from stepline.device_broker.model import AVAILABLE, CLEANING, LEASED, OFFLINE, QUARANTINED
+
+M = TypeVar("M", bound=Message)
+Row: TypeAlias = Mapping[str, Any]
+
+DEVICE_VIEW = """
+SELECT d.*,
+       l.lease_id AS l_lease_id, l.token AS l_token, l.account AS l_account,
+       l.executor_id AS l_executor_id, l.run_id AS l_run_id, l.task_id AS l_task_id,
+       l.chunk_id AS l_chunk_id, l.grant_time AS l_grant_time, l.expire_time AS l_expire_time,
+       q.reason AS q_reason, q.evidence AS q_evidence, q.actor_id AS q_actor_id,
+       q.actor_roles AS q_actor_roles, q.quarantine_time AS q_time
+  FROM devices d
+  LEFT JOIN leases l ON l.lease_id = d.lease_id
+  LEFT JOIN quarantines q ON q.quarantine_id = d.quarantine_id
+"""
+
+_BUMP = "version = version + 1, update_time = clock_timestamp()"
+
+_GRANT = f"""
+WITH d AS (
+    UPDATE devices
+       SET state = {LEASED}, last_token = last_token + 1, lease_id = $1, {_BUMP}
+     WHERE serial = $2 AND state = {AVAILABLE} AND bound_account = $9
+ RETURNING serial, last_token, version
+), l AS (
+    INSERT INTO leases (lease_id, request_id, fingerprint, serial, token, executor_id, run_id,
+                        task_id, chunk_id, account, grant_time, expire_time)
+    SELECT $1, $3, $4, d.serial, d.last_token, $5, $6, $7, $8, $9, clock_timestamp(),
+           clock_timestamp() + make_interval(secs => $10)
+      FROM d
+ RETURNING token, grant_time, expire_time
+)
+SELECT l.token, l.grant_time, l.expire_time, d.version FROM l, d
+"""
+
+_RENEW = """
+UPDATE leases SET expire_time = clock_timestamp() + make_interval(secs => $3)
+ WHERE lease_id = $1 AND token = $2 AND end_time IS NULL AND expire_time > clock_timestamp()
+RETURNING *
+"""
+
+_RELEASE = f"""
+WITH l AS (
+    UPDATE leases
+       SET end_time = clock_timestamp(), end_reason = 'released', outcome = $3, message = $4,
+           release_request_id = $5,
+           cleanup_result = CASE WHEN $6::smallint = {CLEANING} THEN NULL ELSE 'skipped' END
+     WHERE lease_id = $1 AND token = $2 AND end_time IS NULL
+ RETURNING lease_id, serial
+)
+UPDATE devices d
+   SET state = $6, lease_id = NULL, cleaning_reason = $7,
+       cleaning_lease_id = CASE WHEN $6::smallint = {CLEANING} THEN l.lease_id END, {_BUMP}
+  FROM l
+ WHERE d.serial = l.serial
+RETURNING d.serial, d.state, d.version
+"""
+
+_REAP = f"""
+WITH l AS (
+    UPDATE leases SET end_time = clock_timestamp(), end_reason = 'expired'
+     WHERE end_time IS NULL AND expire_time <= clock_timestamp()
+ RETURNING lease_id, serial, run_id
+)
+UPDATE devices d
+   SET state = {CLEANING}, lease_id = NULL, cleaning_reason = 'expired',
+       cleaning_lease_id = l.lease_id, {_BUMP}
+  FROM l
+ WHERE d.serial = l.serial
+RETURNING d.serial, d.version, l.lease_id, l.run_id
+"""
+
+
+def fingerprint(request: Message) -> str:
+    """A digest of ``request`` without its request_id, to tell replays from conflicts."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.ClearField("request_id")
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+@dataclass(frozen=True)
+class Granted:
+    token: int
+    grant_time: datetime
+    expire_time: datetime
+    version: int
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    quarantine: Row
+    revoked_lease: Row | None
+    version: int
+
+
+class Store:
+    """``pool`` serves everything but the lease statements and commits
+    synchronously. ``hot`` (grants, renewals) commits synchronously too: a
+    grant or renewal is durable before it is answered. ``relaxed`` serves
+    releases with ``synchronous_commit = off``: a release lost in a database
+    crash leaves a lease that expires (its device is then cleaned), and any
+    later grant's synchronous commit makes the release durable first (the
+    write-ahead log is flushed in order). See :mod:`stepline.device_broker.pools`.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        hot: asyncpg.Pool | None = None,
+        relaxed: asyncpg.Pool | None = None,
+    ) -> None:
+        self.pool = pool
+        self.hot = hot or pool
+        self.relaxed = relaxed or pool
+
+    # --- start-up --------------------------------------------------------------------
+
+    async def load(self) -> tuple[list[Row], list[Row]]:
+        """Every device, and every live lease."""
+        async with self.pool.acquire() as conn:
+            devices = await conn.fetch("SELECT * FROM devices ORDER BY serial")
+            leases = await conn.fetch("SELECT * FROM leases WHERE end_time IS NULL")
+        return list(devices), list(leases)
+
+    async def configure(
+        self, serial: str, *, pool: str, labels: Mapping[str, str], profile: str
+    ) -> None:
+        """Apply the configured pool, labels and cleanup profile to a known device."""
+        await self.pool.execute(
+            "UPDATE devices SET pool = $2, labels = $3, cleanup_profile = $4,"
+            " update_time = clock_timestamp()"
+            " WHERE serial = $1 AND (pool, labels, cleanup_profile) IS DISTINCT FROM ($2, $3, $4)",
+            serial,
+            pool,
+            dict(labels),
+            profile,
+        )
+
+    # --- inventory -------------------------------------------------------------------
+
+    async def add_device(
+        self,
+        *,
+        serial: str,
+        adb_server: str,
+        model: str,
+        product: str,
+        pool: str,
+        labels: Mapping[str, str],
+        profile: str,
+    ) -> Row | None:
+        """Register a device seen for the first time (CLEANING: intake); None if known."""
+        row: Row | None = await self.pool.fetchrow(
+            "INSERT INTO devices (serial, adb_server, model, product, pool, labels,"
+            " cleanup_profile, state, online, cleaning_reason, last_seen_time)"
+            f" VALUES ($1, $2, $3, $4, $5, $6, $7, {CLEANING}, true, 'intake', clock_timestamp())"
+            " ON CONFLICT (serial) DO NOTHING RETURNING *",
+            serial,
+            adb_server,
+            model,
+            product,
+            pool,
+            dict(labels),
+            profile,
+        )
+        return row
+
+    async def seen(self, serials: Sequence[str]) -> datetime | None:
+        """Record that the adb servers list these devices online now."""
+        if not serials:
+            return None
+        now: datetime | None = await self.pool.fetchval(
+            "UPDATE devices SET last_seen_time = clock_timestamp() WHERE serial = ANY($1::text[])"
+            " RETURNING last_seen_time",
+            list(serials),
+        )
+        return now
+
+    async def came_online(self, serial: str, adb_server: str) -> Row:
+        """The device is listed again: OFFLINE becomes CLEANING (for the reason it
+        was cleaning when adb lost it, else ``reconnect``)."""
+        row: Row = await self.pool.fetchrow(
+            "UPDATE devices SET online = true, adb_server = $2, last_seen_time = clock_timestamp(),"
+            f" cleaning_reason = CASE WHEN state = {OFFLINE} AND cleaning_reason = ''"
+            " THEN 'reconnect' ELSE cleaning_reason END,"
+            f" state = CASE WHEN state = {OFFLINE} THEN {CLEANING} ELSE state END, {_BUMP}"
+            " WHERE serial = $1 RETURNING *",
+            serial,
+            adb_server,
+        )
+        return row
+
+    async def went_offline(self, serial: str) -> Row:
+        """The device is gone from adb: AVAILABLE or CLEANING becomes OFFLINE (it is
+        cleaned when it returns); a leased or quarantined device keeps its state."""
+        row: Row = await self.pool.fetchrow(
+            "UPDATE devices SET online = false,"
+            f" state = CASE WHEN state IN ({AVAILABLE}, {CLEANING}) THEN {OFFLINE} ELSE state END,"
+            f" {_BUMP} WHERE serial = $1 RETURNING *",
+            serial,
+        )
+        return row
+
+    async def record_health(self, serial: str, health: dict[str, Any], when: datetime) -> None:
+        await self.pool.execute(
+            "UPDATE devices SET health = $2, health_time = $3 WHERE serial = $1",
+            serial,
+            health,
+            when,
+        )
+
+    # --- leases ----------------------------------------------------------------------
+
+    async def grant(
+        self,
+        *,
+        lease_id: str,
+        serial: str,
+        request_id: str,
+        fingerprint: str,
+        holder: tuple[str, str, str, str],
+        account: str,
+        ttl_s: float,
+    ) -> Granted | None:
+        """One statement: the device AVAILABLE -> LEASED with the next token, and the
+        lease row. None if the device was not AVAILABLE (for that account).
+        Raises asyncpg.UniqueViolationError if request_id was used before."""
+        row = await self.hot.fetchrow(
+            _GRANT, lease_id, serial, request_id, fingerprint, *holder, account, ttl_s
+        )
+        if row is None:
+            return None
+        return Granted(row["token"], row["grant_time"], row["expire_time"], row["version"])
+
+    async def lease_by_request(self, request_id: str) -> Row | None:
+        row: Row | None = await self.pool.fetchrow(
+            "SELECT * FROM leases WHERE request_id = $1", request_id
+        )
+        return row
+
+    async def lease(self, lease_id: str) -> Row | None:
+        row: Row | None = await self.pool.fetchrow(
+            "SELECT *, clock_timestamp() AS now FROM leases WHERE lease_id = $1", lease_id
+        )
+        return row
+
+    async def renew(self, lease_id: str, token: int, ttl_s: float) -> Row | None:
+        row: Row | None = await self.hot.fetchrow(_RENEW, lease_id, token, ttl_s)
+        return row
+
+    async def release(
+        self,
+        *,
+        lease_id: str,
+        token: int,
+        outcome: int,
+        message: str,
+        request_id: str,
+        next_state: int,
+        cleaning_reason: str,
+    ) -> Row | None:
+        """The lease ends; its device goes ``next_state`` (CLEANING, or AVAILABLE
+        for a pool without cleanup). None if the lease was not live with that token."""
+        row: Row | None = await self.relaxed.fetchrow(
+            _RELEASE,
+            lease_id,
+            token,
+            outcome,
+            message,
+            request_id,
+            next_state,
+            cleaning_reason if next_state == CLEANING else "",
+        )
+        return row
+
+    async def reap(self) -> list[Row]:
+        """End every lease past its expiry; their devices go CLEANING."""
+        return list(await self.pool.fetch(_REAP))
+
+    # --- cleanup, health, quarantine -------------------------------------------------
+
+    async def cleaning_context(self, serial: str) -> Row:
+        """The device's baseline and the lease whose end started the cleanup."""
+        row: Row = await self.pool.fetchrow(
+            "SELECT d.baseline_packages, d.cleaning_reason, d.cleaning_lease_id,"
+            " l.executor_id, l.run_id, l.task_id, l.outcome, l.message, l.end_reason"
+            " FROM devices d LEFT JOIN leases l ON l.lease_id = d.cleaning_lease_id"
+            " WHERE d.serial = $1",
+            serial,
+        )
+        return row
+
+    async def finish_cleaning(
+        self,
+        serial: str,
+        *,
+        health: dict[str, Any],
+        health_time: datetime,
+        baseline: list[str],
+        lease_id: str | None,
+        started: datetime,
+        finished: datetime,
+    ) -> int | None:
+        """CLEANING -> AVAILABLE with the new health and baseline. Returns the
+        device's version, or None if it left CLEANING meanwhile."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            version: int | None = await conn.fetchval(
+                f"UPDATE devices SET state = {AVAILABLE}, health = $2, health_time = $3,"
+                " baseline_packages = $4, cleaning_reason = '', cleaning_lease_id = NULL,"
+                f" {_BUMP} WHERE serial = $1 AND state = {CLEANING} RETURNING version",
+                serial,
+                health,
+                health_time,
+                baseline,
+            )
+            if version is not None and lease_id is not None:
+                await self._cleanup_times(conn, lease_id, started, finished, "clean")
+        return version
+
+    async def lost_while_cleaning(self, serial: str) -> Row | None:
+        """A cleanup lost the device: CLEANING -> OFFLINE (cleaned when it returns)."""
+        row: Row | None = await self.pool.fetchrow(
+            f"UPDATE devices SET state = {OFFLINE}, online = false, {_BUMP}"
+            f" WHERE serial = $1 AND state = {CLEANING} RETURNING *",
+            serial,
+        )
+        return row
+
+    @staticmethod
+    async def _cleanup_times(
+        conn: asyncpg.Connection, lease_id: str, started: datetime, finished: datetime, result: str
+    ) -> None:
+        await conn.execute(
+            "UPDATE leases SET cleanup_start_time = $2, cleanup_end_time = $3, cleanup_result = $4"
+            " WHERE lease_id = $1",
+            lease_id,
+            started,
+            finished,
+            result,
+        )
+
+    async def quarantine(
+        self,
+        serial: str,
+        *,
+        reason: str,
+        evidence: Mapping[str, Any],
+        actor_id: str,
+        actor_roles: Sequence[str],
+        only_from: Sequence[int] | None = None,
+        health: dict[str, Any] | None = None,
+        health_time: datetime | None = None,
+        cleanup: tuple[str, datetime, datetime] | None = None,
+        conn: asyncpg.Connection | None = None,
+    ) -> Quarantined | None:
+        """The device (in any state, or only in ``only_from``) -> QUARANTINED with the
+        evidence; its live lease is revoked. None if it was not in ``only_from``."""
+        if conn is None:
+            async with self.pool.acquire() as own, own.transaction():
+                return await self.quarantine(
+                    serial,
+                    reason=reason,
+                    evidence=evidence,
+                    actor_id=actor_id,
+                    actor_roles=actor_roles,
+                    only_from=only_from,
+                    health=health,
+                    health_time=health_time,
+                    cleanup=cleanup,
+                    conn=own,
+                )
+        device = await conn.fetchrow(
+            "SELECT state, lease_id FROM devices WHERE serial = $1 FOR UPDATE", serial
+        )
+        if device is None or (only_from is not None and device["state"] not in only_from):
+            return None
+        revoked = None
+        if device["state"] == LEASED and device["lease_id"] is not None:
+            revoked = await conn.fetchrow(
+                "UPDATE leases SET end_time = clock_timestamp(), end_reason = 'revoked'"
+                " WHERE lease_id = $1 AND end_time IS NULL RETURNING *",
+                device["lease_id"],
+            )
+        quarantine = await conn.fetchrow(
+            "INSERT INTO quarantines (serial, reason, evidence, actor_id, actor_roles)"
+            " VALUES ($1, $2, $3, $4, $5) RETURNING *",
+            serial,
+            reason,
+            dict(evidence),
+            actor_id,
+            list(actor_roles),
+        )
+        version: int = await conn.fetchval(
+            f"UPDATE devices SET state = {QUARANTINED}, lease_id = NULL, quarantine_id = $2,"
+            " cleaning_reason = '', cleaning_lease_id = NULL,"
+            " health = coalesce($3, health), health_time = coalesce($4, health_time),"
+            f" {_BUMP} WHERE serial = $1 RETURNING version",
+            serial,
+            quarantine["quarantine_id"],
+            health,
+            health_time,
+        )
+        if cleanup is not None:
+            await self._cleanup_times(conn, *cleanup, "quarantined")
+        return Quarantined(quarantine, revoked, version)
+
+    async def return_to_service(
+        self, conn: asyncpg.Connection, serial: str, *, actor_id: str, reason: str
+    ) -> Row | None:
+        """QUARANTINED -> CLEANING (reason ``operator``); None if not QUARANTINED."""
+        row: Row | None = await conn.fetchrow(
+            f"UPDATE devices SET state = {CLEANING}, cleaning_reason = 'operator',"
+            f" cleaning_lease_id = NULL, {_BUMP}"
+            f" WHERE serial = $1 AND state = {QUARANTINED} RETURNING *",
+            serial,
+        )
+        if row is not None and row["quarantine_id"] is not None:
+            await conn.execute(
+                "UPDATE quarantines SET release_time = clock_timestamp(), released_by = $2,"
+                " release_reason = $3 WHERE quarantine_id = $1",
+                row["quarantine_id"],
+                actor_id,
+                reason,
+            )
+        return row
+
+    # --- account bindings ------------------------------------------------------------
+
+    @staticmethod
+    async def lock_device(conn: asyncpg.Connection, serial: str) -> Row | None:
+        row: Row | None = await conn.fetchrow(
+            "SELECT * FROM devices WHERE serial = $1 FOR UPDATE", serial
+        )
+        return row
+
+    @staticmethod
+    async def live_leases_of_account(conn: asyncpg.Connection, account: str) -> list[Row]:
+        """Run after locking the device, so that a grant committed meanwhile is seen."""
+        return list(
+            await conn.fetch(
+                "SELECT lease_id, serial FROM leases WHERE account = $1 AND end_time IS NULL",
+                account,
+            )
+        )
+
+    @staticmethod
+    async def bound_elsewhere(conn: asyncpg.Connection, account: str, serial: str) -> str | None:
+        other: str | None = await conn.fetchval(
+            "SELECT serial FROM devices WHERE bound_account = $1 AND serial <> $2", account, serial
+        )
+        return other
+
+    @staticmethod
+    async def set_binding(
+        conn: asyncpg.Connection, serial: str, account: str, *, actor_id: str
+    ) -> Row:
+        """Bind (``account``) or unbind (``''``); raises UniqueViolationError if the
+        account is bound to another device."""
+        await conn.execute(
+            "UPDATE bindings SET unbind_time = clock_timestamp(), unbound_by = $2"
+            " WHERE serial = $1 AND unbind_time IS NULL",
+            serial,
+            actor_id,
+        )
+        row: Row = await conn.fetchrow(
+            f"UPDATE devices SET bound_account = $2, {_BUMP} WHERE serial = $1 RETURNING *",
+            serial,
+            account,
+        )
+        if account:
+            await conn.execute(
+                "INSERT INTO bindings (serial, account, bound_by) VALUES ($1, $2, $3)",
+                serial,
+                account,
+                actor_id,
+            )
+        return row
+
+    # --- idempotency of operator requests --------------------------------------------
+
+    @staticmethod
+    async def replayed(
+        conn: asyncpg.Connection, request: Message, response_type: type[M]
+    ) -> M | None:
+        """The stored response of an earlier identical request; ABORTED if it differed."""
+        request_id: str = request.request_id  # type: ignore[attr-defined]
+        row = await conn.fetchrow(
+            "SELECT fingerprint, response FROM requests WHERE method = $1 AND request_id = $2",
+            request.DESCRIPTOR.name,
+            request_id,
+        )
+        if row is None:
+            return None
+        if row["fingerprint"] != fingerprint(request):
+            raise Aborted(
+                f"request_id {request_id!r} was already used for a different "
+                f"{request.DESCRIPTOR.name}; use a new request_id for a new request"
+            )
+        return response_type.FromString(row["response"])
+
+    @staticmethod
+    async def remember(conn: asyncpg.Connection, request: Message, response: Message) -> None:
+        await conn.execute(
+            "INSERT INTO requests (method, request_id, fingerprint, response)"
+            " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            request.DESCRIPTOR.name,
+            request.request_id,  # type: ignore[attr-defined]
+            fingerprint(request),
+            response.SerializeToString(),
+        )
+
+    # --- reads -----------------------------------------------------------------------
+
+    async def device_row(self, serial: str, conn: asyncpg.Connection | None = None) -> Row | None:
+        source: Any = conn if conn is not None else self.pool
+        row: Row | None = await source.fetchrow(DEVICE_VIEW + " WHERE d.serial = $1", serial)
+        return row
+
+    async def list_devices(
+        self,
+        *,
+        pool: str,
+        states: Sequence[int],
+        model: str,
+        labels: Mapping[str, str],
+        account: str,
+        after: str,
+        limit: int,
+    ) -> list[Row]:
+        return list(
+            await self.pool.fetch(
+                DEVICE_VIEW + " WHERE ($1 = '' OR d.pool = $1)"
+                " AND (cardinality($2::smallint[]) = 0 OR d.state = ANY($2::smallint[]))"
+                " AND ($3 = '' OR d.model = $3) AND d.labels @> $4::jsonb"
+                " AND ($5 = '' OR d.bound_account = $5) AND d.serial > $6"
+                " ORDER BY d.serial LIMIT $7",
+                pool,
+                list(states),
+                model,
+                dict(labels),
+                account,
+                after,
+                limit,
+            )
+        )

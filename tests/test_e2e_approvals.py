@@ -1,0 +1,356 @@
+"""GOVERN steps end to end through the real mesh (`stepline up` processes: the
+scheduler, the ledger, the approvals service and two executors, on real
+PostgreSQL and NATS JetStream; the ``mesh_state`` fixture of tests/conftest.py).
+
+A run of examples/approval.yaml suspends at its approval step, holding no
+executor; an approver (not the run's initiator) approves it and the run
+completes, or rejects it and the run fails with the approver's reason.
+Cancelling a suspended run closes its request. Approval latency shows in the
+ledger's statistics. A suspended run survives the loss of the executor that
+suspended it (kill -9): the other one finishes it after the decision. That
+test kills an executor (and starts it again), so it is the last of the module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import pytest
+from google.protobuf import json_format, struct_pb2
+
+from stepline.api.approvals.v1 import approvals_pb2 as apb
+from stepline.api.approvals.v1 import approvals_pb2_grpc
+from stepline.api.common.v1 import common_pb2, run_pb2
+from stepline.api.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from stepline.api.scheduler.v1 import scheduler_service_pb2 as spb
+from stepline.api.scheduler.v1 import scheduler_service_pb2_grpc, workflow_service_pb2_grpc
+from stepline.api.scheduler.v1 import workflow_service_pb2 as wpb
+from stepline.cli import mesh
+from stepline.common import embedded
+from stepline.common.client import check_health, open_channel
+from stepline.common.config import ClientSettings
+
+R = common_pb2.WorkflowRunState
+T = common_pb2.TaskRunState
+F = common_pb2.FailureReason
+A = apb.ApprovalState
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "approval.yaml"
+RUN_TERMINAL = (
+    R.WORKFLOW_RUN_STATE_SUCCEEDED,
+    R.WORKFLOW_RUN_STATE_FAILED,
+    R.WORKFLOW_RUN_STATE_CANCELLED,
+    R.WORKFLOW_RUN_STATE_TIMED_OUT,
+)
+POLL_S = 0.05
+WAIT_S = 30.0
+
+
+@dataclass
+class Api:
+    state: mesh.MeshState
+    workflows: workflow_service_pb2_grpc.WorkflowServiceAsyncStub
+    runs: scheduler_service_pb2_grpc.SchedulerServiceAsyncStub  # as admin, the initiator
+    ledger: ledger_pb2_grpc.LedgerServiceAsyncStub
+    approvals: approvals_pb2_grpc.ApprovalsServiceAsyncStub  # as admin
+    approver: approvals_pb2_grpc.ApprovalsServiceAsyncStub  # as the `approver` principal
+
+    async def register(self, name: str = "approval") -> None:
+        """examples/approval.yaml, under ``name``."""
+        text = EXAMPLE.read_text(encoding="utf-8").replace(
+            "\nname: approval\n", f"\nname: {name}\n"
+        )
+        await self.workflows.RegisterWorkflow(
+            wpb.RegisterWorkflowRequest(
+                request_id=str(uuid.uuid4()),
+                source_text=wpb.WorkflowSource(format=wpb.SOURCE_FORMAT_YAML, text=text),
+            )
+        )
+
+    async def start(self, name: str = "approval", amount: int = 42) -> str:
+        inputs = struct_pb2.Struct()
+        inputs.update({"amount": amount})
+        response = await self.runs.StartRun(
+            spb.StartRunRequest(request_id=str(uuid.uuid4()), workflow_name=name, inputs=inputs)
+        )
+        return response.run.run_id
+
+    async def get(self, run_id: str) -> run_pb2.WorkflowRun:
+        response = await self.runs.GetRun(
+            spb.GetRunRequest(run_id=run_id, view=run_pb2.RUN_VIEW_TASKS)
+        )
+        return response.run
+
+    async def until(
+        self, run_id: str, condition: Callable[[run_pb2.WorkflowRun], bool], what: str
+    ) -> run_pb2.WorkflowRun:
+        """Poll GetRun until ``condition`` holds (failing after WAIT_S)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_S
+        while True:
+            run = await self.get(run_id)
+            if condition(run):
+                return run
+            if loop.time() > deadline:
+                pytest.fail(f"run {run_id} never got {what}; it is {run}")
+            await asyncio.sleep(POLL_S)
+
+    async def suspended(self, run_id: str) -> run_pb2.WorkflowRun:
+        """The run once it waits for its approval, with no executor holding it."""
+
+        def waiting(run: run_pb2.WorkflowRun) -> bool:
+            return run.state in RUN_TERMINAL or (
+                run.state == R.WORKFLOW_RUN_STATE_SUSPENDED and not run.claim.executor_id
+            )
+
+        run = await self.until(run_id, waiting, "suspended")
+        assert run.state == R.WORKFLOW_RUN_STATE_SUSPENDED, run.failure
+        return run
+
+    async def finished(self, run_id: str) -> run_pb2.WorkflowRun:
+        return await self.until(run_id, lambda r: r.state in RUN_TERMINAL, "a terminal state")
+
+    async def approval(self, approval_id: str) -> apb.Approval:
+        response = await self.approvals.GetApproval(apb.GetApprovalRequest(approval_id=approval_id))
+        return response.approval
+
+    async def approve(self, approval_id: str, reason: str = "") -> apb.Approval:
+        response = await self.approver.Approve(
+            apb.ApproveRequest(request_id=str(uuid.uuid4()), approval_id=approval_id, reason=reason)
+        )
+        return response.approval
+
+    async def history(self, run_id: str) -> list[run_pb2.RunEvent]:
+        response = await self.ledger.GetRunHistory(ledger_pb2.GetRunHistoryRequest(run_id=run_id))
+        return list(response.events)
+
+
+@pytest.fixture
+async def api(mesh_state: mesh.MeshState, mesh_tokens: dict[str, str]) -> AsyncIterator[Api]:
+    settings = ClientSettings(default_timeout_s=WAIT_S)
+    admin = mesh_tokens["admin"]
+    async with (
+        open_channel(mesh_state.endpoint("scheduler"), settings=settings, token=admin) as sched,
+        open_channel(mesh_state.endpoint("ledger"), settings=settings, token=admin) as ledger,
+        open_channel(mesh_state.endpoint("approvals"), settings=settings, token=admin) as appr,
+        open_channel(
+            mesh_state.endpoint("approvals"), settings=settings, token=mesh_tokens["approver"]
+        ) as approver,
+    ):
+        yield Api(
+            state=mesh_state,
+            workflows=workflow_service_pb2_grpc.WorkflowServiceStub(sched),
+            runs=scheduler_service_pb2_grpc.SchedulerServiceStub(sched),
+            ledger=ledger_pb2_grpc.LedgerServiceStub(ledger),
+            approvals=approvals_pb2_grpc.ApprovalsServiceStub(appr),
+            approver=approvals_pb2_grpc.ApprovalsServiceStub(approver),
+        )
+
+
+def task(run: run_pb2.WorkflowRun, path: str) -> run_pb2.TaskRun:
+    for candidate in run.tasks:
+        if candidate.step_path == path:
+            return candidate
+    raise AssertionError(f"run {run.run_id} has no task {path!r}")
+
+
+def as_dict(message: Any) -> dict[str, Any]:
+    return dict(json_format.MessageToDict(message))
+
+
+def run_moves(events: list[run_pb2.RunEvent]) -> list[str]:
+    return [
+        str(e.payload["to_state"])
+        for e in events
+        if e.type == run_pb2.RUN_EVENT_TYPE_RUN_STATE_CHANGED
+    ]
+
+
+async def test_a_suspended_run_completes_once_an_approver_approves(api: Api) -> None:
+    await api.register()
+    run_id = await api.start(amount=42)
+    run = await api.suspended(run_id)
+    ask = task(run, "ask")
+    assert ask.state == T.TASK_RUN_STATE_SUSPENDED
+    assert ask.approval_id
+    assert task(run, "prepare").state == T.TASK_RUN_STATE_SUCCEEDED
+    assert task(run, "publish").state == T.TASK_RUN_STATE_PENDING
+
+    approval = await api.approval(ask.approval_id)
+    assert approval.state == A.APPROVAL_STATE_PENDING
+    assert (approval.run_id, approval.task_id, approval.step_id) == (run_id, ask.task_id, "ask")
+    assert approval.workflow_name == "approval"
+    assert approval.initiator.id == "admin"
+    assert list(approval.policy.approver_roles) == ["approver"]
+    assert as_dict(approval.context) == {
+        "inputs.amount": 42,
+        "steps.prepare.summary": "payout of 42",
+    }
+    with pytest.raises(grpc.aio.AioRpcError) as refused:  # the initiator may not approve
+        await api.approvals.Approve(
+            apb.ApproveRequest(request_id=str(uuid.uuid4()), approval_id=ask.approval_id)
+        )
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    decided = await api.approve(ask.approval_id, "numbers check out")
+    assert decided.state == A.APPROVAL_STATE_APPROVED
+    run = await api.finished(run_id)
+    assert run.state == R.WORKFLOW_RUN_STATE_SUCCEEDED, run.failure
+    output = as_dict(task(run, "ask").output)
+    assert output["approval_id"] == ask.approval_id
+    assert output["state"] == "APPROVED"
+    [decision] = output["decisions"]
+    assert (decision["actor"], decision["outcome"], decision["reason"]) == (
+        "approver",
+        "APPROVED",
+        "numbers check out",
+    )
+    published = as_dict(task(run, "publish").output)
+    assert published["published"] == "payout of 42"
+    assert published["decisions"][0]["actor"] == "approver"
+
+    events = await api.history(run_id)
+    assert run_moves(events) == ["RUNNING", "SUSPENDED", "RUNNING", "SUCCEEDED"]
+    [recorded] = [e for e in events if e.type == run_pb2.RUN_EVENT_TYPE_APPROVAL_DECISION_RECORDED]
+    assert recorded.actor.id == "approver"
+    assert recorded.task_id == ask.task_id
+
+
+async def test_a_rejection_fails_the_run_with_the_approvers_reason(api: Api) -> None:
+    await api.register()
+    run_id = await api.start(amount=1_000_000)
+    run = await api.suspended(run_id)
+    approval_id = task(run, "ask").approval_id
+    await api.approver.Reject(
+        apb.RejectRequest(
+            request_id=str(uuid.uuid4()), approval_id=approval_id, reason="far too much"
+        )
+    )
+    run = await api.finished(run_id)
+    assert run.state == R.WORKFLOW_RUN_STATE_FAILED
+    assert run.failure.reason == F.FAILURE_REASON_REJECTED
+    assert "far too much" in run.failure.message
+    assert "approver" in run.failure.message
+    ask = task(run, "ask")
+    assert ask.state == T.TASK_RUN_STATE_FAILED
+    assert ask.failure.reason == F.FAILURE_REASON_REJECTED
+    assert task(run, "publish").state == T.TASK_RUN_STATE_SKIPPED
+    assert (await api.approval(approval_id)).state == A.APPROVAL_STATE_REJECTED
+
+
+async def test_cancelling_a_suspended_run_closes_its_request(api: Api) -> None:
+    await api.register()
+    run_id = await api.start()
+    run = await api.suspended(run_id)
+    approval_id = task(run, "ask").approval_id
+    cancelled = await api.runs.CancelRun(
+        spb.CancelRunRequest(request_id=str(uuid.uuid4()), run_id=run_id, reason="not needed")
+    )
+    assert cancelled.run.state == R.WORKFLOW_RUN_STATE_CANCELLED  # at once: nobody holds it
+    run = await api.get(run_id)
+    assert task(run, "ask").state == T.TASK_RUN_STATE_CANCELLED
+    assert task(run, "publish").state == T.TASK_RUN_STATE_SKIPPED
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while (approval := await api.approval(approval_id)).state == A.APPROVAL_STATE_PENDING:
+        assert loop.time() < deadline, "the request was never closed"
+        await asyncio.sleep(POLL_S)
+    assert approval.state == A.APPROVAL_STATE_CANCELLED
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await api.approve(approval_id)
+    assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (await api.get(run_id)).state == R.WORKFLOW_RUN_STATE_CANCELLED
+
+
+async def test_approval_latency_shows_in_the_ledger_stats(api: Api) -> None:
+    name = f"e2e-approval-{uuid.uuid4().hex[:8]}"
+    await api.register(name)
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    run_id = await api.start(name)
+    run = await api.suspended(run_id)
+    waited_from = datetime.now(UTC)
+    await api.approve(task(run, "ask").approval_id, "ok")
+    decided_by = datetime.now(UTC)
+    run = await api.finished(run_id)
+    assert run.state == R.WORKFLOW_RUN_STATE_SUCCEEDED
+    ask = task(run, "ask")
+    request = ledger_pb2.GetStatsRequest(workflow_name=name)
+    request.window.start_time.FromDatetime(since)
+    request.window.end_time.FromDatetime(datetime.now(UTC) + timedelta(seconds=1))
+    stats = (await api.ledger.GetStats(request)).total
+    latency = stats.approval_latency
+    assert latency.count == 1
+    seconds = latency.average.ToTimedelta().total_seconds()
+    # from SUSPENDED to the decision's resume: at most what the test waited in all
+    suspended_at = ask.start_time.ToDatetime(tzinfo=UTC)
+    assert 0 < seconds <= (datetime.now(UTC) - suspended_at).total_seconds()
+    assert seconds >= (decided_by - waited_from).total_seconds() - 0.1
+    assert latency.max == latency.average
+
+
+# --- losing the executor of a suspended run (last: it kills one) -------------------
+
+
+def _record(state: mesh.MeshState, executor_id: str) -> embedded.ProcessRecord:
+    """The mesh's process record of an executor (its id as `stepline up` sets it)."""
+    for record in state.components:
+        name = record.name if record.name[-1].isdigit() else f"{record.name}-1"
+        if record.name.startswith("executor") and name == executor_id:
+            return record
+    raise AssertionError(f"no executor {executor_id!r} in the mesh")
+
+
+async def _restart(
+    state: mesh.MeshState, record: embedded.ProcessRecord, env: dict[str, str]
+) -> None:
+    """Start a killed executor again as `stepline up` did, so that later tests
+    find the mesh whole."""
+    fresh = embedded.spawn(
+        record.name,
+        [sys.executable, "-m", "stepline.executor"],
+        log_path=Path(record.log),
+        endpoint=record.endpoint,
+        port=record.port,
+        env=env,
+    )
+    state.components[state.components.index(record)] = fresh
+    state.save()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while not await check_health(fresh.endpoint, timeout_s=1.0):
+        assert loop.time() < deadline, f"executor {record.name} did not come back"
+        await asyncio.sleep(0.2)
+
+
+async def test_a_suspended_run_survives_the_loss_of_its_executor(api: Api) -> None:
+    await api.register()
+    run_id = await api.start(amount=7)
+    run = await api.suspended(run_id)
+    ask = task(run, "ask")
+    suspender = ask.attempts[-1].executor_id
+    record = _record(api.state, suspender)
+    env = psutil.Process(record.pid).environ()
+    os.kill(record.pid, signal.SIGKILL)
+    try:
+        assert (await api.get(run_id)).state == R.WORKFLOW_RUN_STATE_SUSPENDED
+        await api.approve(ask.approval_id, "still fine")
+        run = await api.finished(run_id)
+    finally:
+        await _restart(api.state, record, env)
+    assert run.state == R.WORKFLOW_RUN_STATE_SUCCEEDED, run.failure
+    claims = [
+        e.actor.id for e in await api.history(run_id) if e.type == run_pb2.RUN_EVENT_TYPE_CLAIMED
+    ]
+    assert claims[0] == suspender
+    assert claims[-1] != suspender  # the other executor finished it
+    assert task(run, "publish").attempts[-1].executor_id == claims[-1]

@@ -258,6 +258,33 @@ def approvals_settings(
     )
 
 
+@contextlib.asynccontextmanager
+async def recancelling(name: str) -> AsyncIterator[None]:
+    """While the block runs, cancel again the task ``name`` if it was cancelled
+    but runs on.
+
+    A workaround for the ledger's outbox relay: on Python 3.11, asyncio.wait_for
+    (in the relay's wait and in nats-py) drops a cancellation that arrives as its
+    result does, so the relay can outlive the single cancel of its shutdown and
+    the ledger's teardown hangs. Remove once the ledger re-cancels by itself.
+    """
+
+    async def nudge() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            for task in asyncio.all_tasks():
+                if task.get_name() == name and task.cancelling() and not task.done():
+                    task.cancel()
+
+    nudger = asyncio.create_task(nudge())
+    try:
+        yield
+    finally:
+        nudger.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await nudger
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "approvals_settings(**fields): override ApprovalsSettings fields in `harness`"
@@ -280,6 +307,7 @@ async def harness(
         nats=approvals_settings.nats,
     )
     async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(recancelling("ledger-outbox-relay"))
         ledger_host = await stack.enter_async_context(ledger_running(ledger_settings))
         settings = replace(approvals_settings, ledger_addr=f"127.0.0.1:{ledger_host.port}")
         service = await stack.enter_async_context(approvals_running(settings))
@@ -296,36 +324,18 @@ async def harness(
         nc = await jetstream.connect(settings.nats.url, name="approvals-tests")
         stack.push_async_callback(nc.close)
         import sys
-
         async def _dump():
             await asyncio.sleep(10)
             for t in asyncio.all_tasks():
-                print("TASK", t.get_name(), file=sys.stderr)
+                print("TASK", t.get_name(), t.cancelling(), file=sys.stderr)
                 c = t.get_coro()
                 while c is not None:
-                    f = (
-                        getattr(c, "cr_frame", None)
-                        or getattr(c, "ag_frame", None)
-                        or getattr(c, "gi_frame", None)
-                    )
-                    print(
-                        "   ",
-                        type(c).__name__,
-                        getattr(c, "__qualname__", c),
-                        f and f.f_code.co_filename,
-                        f and f.f_lineno,
-                        file=sys.stderr,
-                    )
-                    c = (
-                        getattr(c, "cr_await", None)
-                        or getattr(c, "ag_await", None)
-                        or getattr(c, "gi_yieldfrom", None)
-                    )
-
+                    f = getattr(c, "cr_frame", None) or getattr(c, "ag_frame", None) or getattr(c, "gi_frame", None)
+                    print("   ", type(c).__name__, getattr(c, "__qualname__", c), f and f.f_code.co_filename, f and f.f_lineno, file=sys.stderr)
+                    c = getattr(c, "cr_await", None) or getattr(c, "ag_await", None) or getattr(c, "gi_yieldfrom", None)
         async def _watch():
             global WATCH
             WATCH = asyncio.get_running_loop().create_task(_dump())
-
         stack.push_async_callback(_watch)
         yield Harness(
             service=service,

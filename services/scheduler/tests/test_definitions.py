@@ -328,6 +328,16 @@ GOVERN_INVALID: list[tuple[str, workflow_pb2.WorkflowDefinition, str]] = [
         "govern.policy.expiry: must be longer than 0s (leave it unset for no expiry)",
     ),
     (
+        "expiry beyond a year",
+        gate({**ROLES, "expiry": "31622401s"}),
+        "govern.policy.expiry: must be at most 366 days",
+    ),
+    (
+        "too many approvers",
+        gate({"approver_principals": [f"p{i}" for i in range(101)]}),
+        "govern.policy.approver_principals: more than 100 entries",
+    ),
+    (
         "unknown expiry outcome",
         gate({**ROLES, "expiry_outcome": 7}),
         "govern.policy.expiry_outcome: unknown value 7",

@@ -25,6 +25,7 @@ from typing import Any
 import adbutils
 
 from stepline.common import adb
+from stepline.common.errors import Unavailable
 from stepline.device_broker.config import HealthThresholds
 
 OUTPUT_LIMIT = 2000
@@ -201,7 +202,7 @@ class Phones:
         server, not the device); None if the server does not list it."""
         try:
             state: str = self.device(server, serial).get_state()
-        except (adbutils.AdbError, OSError):
+        except (Unavailable, adbutils.AdbError, OSError):
             return None
         return state
 
@@ -221,7 +222,7 @@ class Phones:
         try:
             shell = Shell(self.device(server, serial), report, timeout_s=self.timeout_s)
             health_checks(shell, thresholds, full=full)
-        except (Unreachable, adbutils.AdbError, OSError) as exc:
+        except (Unreachable, Unavailable, adbutils.AdbError, OSError) as exc:
             report.unreachable = True
             report.check("adb_reachable", False, f"adb cannot reach the device: {exc}")
         finally:
@@ -259,7 +260,7 @@ class Phones:
                 session_dirs=list(session_dirs),
                 accept_missing=accept_missing,
             )
-        except (Unreachable, adbutils.AdbError, OSError) as exc:
+        except (Unreachable, Unavailable, adbutils.AdbError, OSError) as exc:
             report.unreachable = True
             report.check("adb_reachable", False, f"adb cannot reach the device: {exc}")
         finally:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-POOL_SIZE = 8
+#: concurrent grants (and renewals); releases get half as many connections
+POOL_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ async def _pool(dsn: str, schema: str, *, synchronous_commit: bool) -> asyncpg.P
     pool = await asyncpg.create_pool(
         dsn,
         min_size=2,
-        max_size=POOL_SIZE,
+        max_size=POOL_SIZE if synchronous_commit else POOL_SIZE // 2,
         reset=_no_reset,
         server_settings={
             "search_path": schema,

@@ -33,7 +33,7 @@ from stepline.device_broker.broker import Broker
 from stepline.device_broker.config import DeviceBrokerSettings
 from stepline.device_broker.events import BROKER_ACTOR
 from stepline.device_broker.model import AVAILABLE, CLEANING, OFFLINE, Entry
-from stepline.device_broker.phones import Phones, Report, Seen
+from stepline.device_broker.phones import Phones, Report, Seen, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class Upkeep:
             model, product = await asyncio.to_thread(
                 self.phones.describe, seen.adb_server, seen.serial
             )
-        except (adbutils.AdbError, OSError) as exc:
+        except (Unreachable, SteplineError, adbutils.AdbError, OSError) as exc:
             log.warning("device %s: cannot read its product properties: %s", seen.serial, exc)
         pool = self.settings.pool_of(seen.serial)
         row = await self.broker.store.add_device(

@@ -368,6 +368,7 @@ class Gate:
         delay = POLL_INITIAL_S
         try:
             while True:
+                decided.clear()  # before the read: an event from now on wakes the wait
                 try:
                     current = await approvals.get(approval_id)
                 except (Unavailable, DeadlineExceeded) as exc:
@@ -375,7 +376,6 @@ class Gate:
                 else:
                     if current.state != A.APPROVAL_STATE_PENDING:
                         return current
-                decided.clear()
                 poll_at = loop.time() + delay
                 delay = min(delay * 2, POLL_MAX_S)
                 while not decided.is_set() and loop.time() < poll_at:

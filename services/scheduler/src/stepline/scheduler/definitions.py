@@ -46,6 +46,9 @@ MAX_DESCRIPTION = 4096
 MAX_PROBLEMS = 20
 MAX_REQUIRED_APPROVALS = 100
 MAX_CONTEXT_KEYS = 50
+# The approvals service refuses requests beyond these (stepline.approvals.policy).
+MAX_APPROVERS = 100
+MAX_EXPIRY_S = 366 * 24 * 3600
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,127}$")
 STEP_ID_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
@@ -357,6 +360,8 @@ class _Validator:
                 where, "approver_principals or approver_roles is required (who may approve)"
             )
         for name in ("approver_principals", "approver_roles"):
+            if len(getattr(policy, name)) > MAX_APPROVERS:
+                self.problems.add(f"{where}.{name}", f"more than {MAX_APPROVERS} entries")
             seen: set[str] = set()
             for index, value in enumerate(getattr(policy, name)):
                 if not value.strip():
@@ -382,10 +387,13 @@ class _Validator:
             )
         if policy.HasField("expiry"):
             self.duration(f"{where}.expiry", policy.expiry)
-            if policy.expiry.ToTimedelta().total_seconds() == 0:
+            expiry_s = policy.expiry.ToTimedelta().total_seconds()
+            if expiry_s == 0:
                 self.problems.add(
                     f"{where}.expiry", "must be longer than 0s (leave it unset for no expiry)"
                 )
+            elif expiry_s > MAX_EXPIRY_S:
+                self.problems.add(f"{where}.expiry", "must be at most 366 days (31622400s)")
         if policy.expiry_outcome not in workflow_pb2.ApprovalExpiryOutcome.values():
             self.problems.add(f"{where}.expiry_outcome", f"unknown value {policy.expiry_outcome}")
         if len(govern.context_keys) > MAX_CONTEXT_KEYS:

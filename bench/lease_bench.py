@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -319,6 +320,8 @@ async def bench(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    # a SIGTERM (e.g. from `timeout`) unwinds normally, so every process started is stopped
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phones", type=int, default=10)
     parser.add_argument("--contenders", type=int, default=40)

@@ -323,20 +323,6 @@ async def harness(
         )
         nc = await jetstream.connect(settings.nats.url, name="approvals-tests")
         stack.push_async_callback(nc.close)
-        import sys
-        async def _dump():
-            await asyncio.sleep(10)
-            for t in asyncio.all_tasks():
-                print("TASK", t.get_name(), t.cancelling(), file=sys.stderr)
-                c = t.get_coro()
-                while c is not None:
-                    f = getattr(c, "cr_frame", None) or getattr(c, "ag_frame", None) or getattr(c, "gi_frame", None)
-                    print("   ", type(c).__name__, getattr(c, "__qualname__", c), f and f.f_code.co_filename, f and f.f_lineno, file=sys.stderr)
-                    c = getattr(c, "cr_await", None) or getattr(c, "ag_await", None) or getattr(c, "gi_yieldfrom", None)
-        async def _watch():
-            global WATCH
-            WATCH = asyncio.get_running_loop().create_task(_dump())
-        stack.push_async_callback(_watch)
         yield Harness(
             service=service,
             settings=settings,

@@ -13,7 +13,7 @@ from stepline.api.approvals.v1 import approvals_pb2 as pb
 from stepline.api.common.v1 import run_pb2, workflow_pb2
 from stepline.api.ledger.v1 import ledger_pb2
 
-from .conftest import Harness, eventually, policy
+from .conftest import Event, Harness, eventually, policy
 
 S = pb.ApprovalState
 
@@ -274,7 +274,7 @@ async def test_a_decision_after_expiry_is_refused_even_without_the_sweeper(
     assert await decision_rows(h, approval.approval_id) == []
 
 
-async def _decided_events(h: Harness, run_id: str) -> list[object] | None:
+async def _decided_events(h: Harness, run_id: str) -> list[Event] | None:
     events = [
         e
         for e in await h.approval_events()
@@ -330,7 +330,7 @@ async def test_events_requested_and_decided_are_published_once_each(harness: Har
     await h.approve("carol", approval.approval_id)
     streams = h.settings.nats.streams
 
-    async def both() -> list[object] | None:
+    async def both() -> list[Event] | None:
         mine = [e for e in await h.approval_events() if e.event.run_id == approval.run_id]
         return mine if len(mine) >= 2 else None
 

@@ -25,7 +25,7 @@ def subscribe_request(
 
 
 async def subscribe(h: Harness, url: str, **fields: object) -> pb.Subscription:
-    response = await h.as_("alice").CreateSubscription(subscribe_request(url, **fields))
+    response = await h.as_("alice").CreateSubscription(subscribe_request(url, "sub-1", **fields))
     return response.subscription
 
 

@@ -165,6 +165,7 @@ class EventPublisher:
     async def publish_pending(self) -> float:
         """One pass; returns 0 if a full batch went out (more may wait), else 1 hour."""
         done: list[int] = []
+        failure: Exception | None = None
         async with self._pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval(_EVENTS_LOCK_SQL):
                 return 3600.0  # another replica is publishing; the poll brings us back
@@ -173,8 +174,8 @@ class EventPublisher:
                 " WHERE publish_time IS NULL ORDER BY id LIMIT $1",
                 self.batch_size,
             )
-            try:
-                for row in rows:
+            for row in rows:
+                try:
                     await self._js.publish(
                         self._streams.subject("events", *row["subject"].split(".")),
                         bytes(row["body"]),
@@ -185,14 +186,18 @@ class EventPublisher:
                             CONTENT_TYPE_HEADER: _EVENT_CONTENT_TYPE,
                         },
                     )
-                    done.append(row["id"])
-            finally:
-                if done:
-                    await conn.execute(
-                        "UPDATE event_outbox SET publish_time = clock_timestamp()"
-                        " WHERE id = ANY($1::bigint[])",
-                        done,
-                    )
+                except Exception as exc:
+                    failure = exc  # keep what was acked; the rest stays, in order
+                    break
+                done.append(row["id"])
+            if done:
+                await conn.execute(
+                    "UPDATE event_outbox SET publish_time = clock_timestamp()"
+                    " WHERE id = ANY($1::bigint[])",
+                    done,
+                )
+        if failure is not None:
+            raise failure
         return 0.0 if len(rows) >= self.batch_size else 3600.0
 
 

@@ -12,6 +12,7 @@ deliver it again; cancelling is idempotent.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC
 
@@ -78,6 +79,10 @@ class RunEndings:
                     batch=self._batch, timeout=FETCH_TIMEOUT_S
                 )
             except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            except Exception as exc:  # NATS reconnecting, ...: try again shortly
+                log.warning("reading run events failed (%s); retrying in 1s", exc)
+                await asyncio.sleep(1.0)
                 continue
             for msg in messages:
                 await self.handle(msg)

@@ -498,13 +498,13 @@ class ApprovalStore:
         """Mark PENDING requests past their expiry EXPIRED; returns how many."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
-                "SELECT *, clock_timestamp() AS now FROM approvals"
+                "SELECT * FROM approvals"
                 " WHERE state = $1 AND expire_time <= clock_timestamp()"
                 " ORDER BY expire_time LIMIT $2 FOR UPDATE SKIP LOCKED",
                 PENDING,
                 limit,
             )
-            for row in rows:
+            for row in await _stamped(conn, rows):
                 await self._close(conn, row, EXPIRED, SYSTEM, "expiry passed")
         if rows:
             self.pulse.fire()
@@ -519,14 +519,14 @@ class ApprovalStore:
         """
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
-                "SELECT *, clock_timestamp() AS now FROM approvals"
+                "SELECT * FROM approvals"
                 " WHERE run_id = $1 AND state = $2 AND create_time <= $3"
                 " ORDER BY create_time FOR UPDATE",
                 run_id,
                 PENDING,
                 ended + CLOCK_SLACK,
             )
-            for row in rows:
+            for row in await _stamped(conn, rows):
                 await self._close(conn, row, CANCELLED, SYSTEM, f"the run ended {state_name}")
         if rows:
             self.pulse.fire()
@@ -535,12 +535,18 @@ class ApprovalStore:
 
 async def _lock(conn: asyncpg.Connection, approval_id: str) -> Row:
     row = await conn.fetchrow(
-        "SELECT *, clock_timestamp() AS now FROM approvals WHERE approval_id = $1 FOR UPDATE",
-        approval_id,
+        "SELECT * FROM approvals WHERE approval_id = $1 FOR UPDATE", approval_id
     )
     if row is None:
         raise NotFound(f"approval {approval_id!r} does not exist")
-    return row
+    return (await _stamped(conn, [row]))[0]
+
+
+async def _stamped(conn: asyncpg.Connection, rows: list[Row]) -> list[dict[str, Any]]:
+    """``rows`` (locked) with ``now``: the time read once the locks are held, so
+    the times of serialized changes follow their order."""
+    now = await conn.fetchval("SELECT clock_timestamp()")
+    return [{**dict(row), "now": now} for row in rows]
 
 
 async def _remember_delivery(

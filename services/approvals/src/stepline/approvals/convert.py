@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -15,12 +13,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from stepline.api.approvals.v1 import approvals_pb2 as pb
 from stepline.api.common.v1 import common_pb2, workflow_pb2
-from stepline.common.errors import InvalidArgument
 
 Row = Any  # an asyncpg.Record (asyncpg ships no type information)
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 
 S = pb.ApprovalState
 STATE_NAMES: dict[int, str] = {
@@ -128,47 +123,3 @@ def delivery(row: Row) -> pb.Delivery:
 
 
 # --- pagination --------------------------------------------------------------
-
-
-def page_size(value: int) -> int:
-    if value < 0:
-        raise InvalidArgument("page_size must not be negative")
-    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
-def encode_token(**position: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode()
-
-
-def decode_token(token: str, *keys: str) -> dict[str, Any] | None:
-    """The position a page token holds (None for the first page)."""
-    if not token:
-        return None
-    try:
-        position = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except (ValueError, TypeError):
-        position = None
-    if not isinstance(position, dict) or set(position) != set(keys):
-        raise InvalidArgument("page_token is malformed; pass back next_page_token as given")
-    return position
-
-
-def after_position(token: str) -> tuple[datetime, str] | None:
-    """A ``(create_time, id)`` position from a page token of a time-ordered list."""
-    position = decode_token(token, "t", "id")
-    if position is None:
-        return None
-    try:
-        return datetime.fromisoformat(position["t"]), str(position["id"])
-    except (TypeError, ValueError):
-        raise InvalidArgument(
-            "page_token is malformed; pass back next_page_token as given"
-        ) from None
-
-
-def next_token(rows: list[Row], size: int, id_column: str) -> str:
-    """The token after the last row of a page of ``size``, if more rows follow."""
-    if len(rows) <= size:
-        return ""
-    last = rows[size - 1]
-    return encode_token(t=last["create_time"].isoformat(), id=str(last[id_column]))

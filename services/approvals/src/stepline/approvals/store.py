@@ -34,6 +34,7 @@ from stepline.api.events.v1 import events_pb2
 from stepline.api.ledger.v1 import ledger_pb2
 from stepline.approvals import convert, outbox, policy, subscriptions
 from stepline.approvals.idempotency import RequestKey, remember, replayed
+from stepline.common import paging
 from stepline.common.auth import Principal
 from stepline.common.errors import (
     Aborted,
@@ -149,8 +150,8 @@ class ApprovalStore:
     async def list(
         self, request: pb.ListApprovalsRequest, caller: Principal
     ) -> pb.ListApprovalsResponse:
-        size = convert.page_size(request.page_size)
-        position = convert.after_position(request.page_token)
+        size = paging.page_size(request.page_size)
+        position = paging.after_position(request.page_token)
         where: list[str] = []
         args: list[Any] = []
 
@@ -196,7 +197,7 @@ class ApprovalStore:
             by_approval.setdefault(d["approval_id"], []).append(d)
         return pb.ListApprovalsResponse(
             approvals=[convert.approval(r, by_approval.get(r["approval_id"], [])) for r in page],
-            next_page_token=convert.next_token(rows, size, "approval_id"),
+            next_page_token=paging.next_token(rows, size, "approval_id"),
         )
 
     # --- create ----------------------------------------------------------------

@@ -26,6 +26,7 @@ from stepline.api.approvals.v1 import approvals_pb2 as pb
 from stepline.approvals import convert
 from stepline.approvals.idempotency import RequestKey, remember, replayed
 from stepline.approvals.secret_store import SecretStore
+from stepline.common import paging
 from stepline.common.auth import Principal
 from stepline.common.errors import InvalidArgument, NotFound
 
@@ -195,8 +196,8 @@ class SubscriptionStore:
         return response
 
     async def list(self, request: pb.ListSubscriptionsRequest) -> pb.ListSubscriptionsResponse:
-        size = convert.page_size(request.page_size)
-        position = convert.after_position(request.page_token)
+        size = paging.page_size(request.page_size)
+        position = paging.after_position(request.page_token)
         args: list[Any] = [size + 1]
         after = ""
         if position is not None:
@@ -209,7 +210,7 @@ class SubscriptionStore:
         )
         return pb.ListSubscriptionsResponse(
             subscriptions=[convert.subscription(r) for r in rows[:size]],
-            next_page_token=convert.next_token(rows, size, "subscription_id"),
+            next_page_token=paging.next_token(rows, size, "subscription_id"),
         )
 
     async def delete(
@@ -242,8 +243,8 @@ class SubscriptionStore:
         return response
 
     async def deliveries(self, request: pb.ListDeliveriesRequest) -> pb.ListDeliveriesResponse:
-        size = convert.page_size(request.page_size)
-        position = convert.after_position(request.page_token)
+        size = paging.page_size(request.page_size)
+        position = paging.after_position(request.page_token)
         where: list[str] = []
         args: list[Any] = []
 
@@ -271,5 +272,5 @@ class SubscriptionStore:
         rows = await self.pool.fetch(sql, *args)
         return pb.ListDeliveriesResponse(
             deliveries=[convert.delivery(r) for r in rows[:size]],
-            next_page_token=convert.next_token(rows, size, "delivery_id"),
+            next_page_token=paging.next_token(rows, size, "delivery_id"),
         )

@@ -13,9 +13,6 @@ when concurrent calls finish in another order.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
 import logging
 import time
 import uuid
@@ -27,6 +24,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from stepline.api.common.v1 import common_pb2
 from stepline.api.device_broker.v1 import device_broker_pb2 as pb
+from stepline.common import paging
 from stepline.common.auth import Principal
 from stepline.common.errors import (
     Aborted,
@@ -59,8 +57,6 @@ MAX_ID_LENGTH = 256
 MAX_MESSAGE_LENGTH = 4096
 MAX_EVIDENCE_BYTES = 64 * 1024
 MIN_TTL_S = 1.0
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 RELEASE_OUTCOMES = frozenset(pb.ReleaseOutcome.values())
 
 
@@ -107,23 +103,6 @@ def shielded(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
     task = asyncio.ensure_future(coro)
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
     return asyncio.shield(task)
-
-
-def encode_page_token(after: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"after": after}).encode()).decode()
-
-
-def decode_page_token(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        position = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except (ValueError, TypeError, binascii.Error):
-        position = None
-    if not isinstance(position, dict) or not isinstance(position.get("after"), str):
-        raise InvalidArgument("page_token is malformed; pass back next_page_token as given")
-    after: str = position["after"]
-    return after
 
 
 class Broker:
@@ -791,9 +770,7 @@ class Broker:
         return pb.GetDeviceResponse(device=convert.device(row))
 
     async def list_devices(self, request: pb.ListDevicesRequest) -> pb.ListDevicesResponse:
-        if request.page_size < 0:
-            raise InvalidArgument("page_size must not be negative")
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = paging.page_size(request.page_size)
         for state in request.states:
             if state == common_pb2.DEVICE_STATE_UNSPECIFIED or state not in (
                 AVAILABLE,
@@ -811,10 +788,10 @@ class Broker:
             model=request.model,
             labels=dict(request.labels),
             account=request.account,
-            after=decode_page_token(request.page_token),
+            after=paging.decode_value(request.page_token, "after", str) or "",
             limit=size + 1,
         )
         response = pb.ListDevicesResponse(devices=[convert.device(row) for row in rows[:size]])
         if len(rows) > size:
-            response.next_page_token = encode_page_token(rows[size - 1]["serial"])
+            response.next_page_token = paging.encode_token(after=rows[size - 1]["serial"])
         return response

@@ -19,9 +19,7 @@ No backfill
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import logging
 import uuid
 from collections.abc import Callable, Mapping
@@ -34,7 +32,7 @@ from croniter import croniter
 
 from stepline.api.ledger.v1 import ledger_pb2
 from stepline.api.scheduler.v1 import scheduler_service_pb2 as pb
-from stepline.common import auth
+from stepline.common import auth, paging
 from stepline.common.client import rpc
 from stepline.common.errors import (
     Aborted,
@@ -61,8 +59,6 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 S = pb.ScheduleState
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 
 
 def wall_clock() -> datetime:
@@ -203,33 +199,22 @@ class ScheduleStore:
     async def list(
         self, *, workflow_name: str, page_size: int, page_token: str
     ) -> tuple[list[pb.Schedule], str]:
-        if page_size < 0:
-            raise InvalidArgument("page_size must not be negative")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = paging.page_size(page_size)
         args: list[Any] = [size + 1]
         where = ["true"]
         if workflow_name:
             args.append(workflow_name)
             where.append(f"workflow_name = ${len(args)}")
-        if page_token:
-            try:
-                position = json.loads(base64.urlsafe_b64decode(page_token.encode()))
-                args += [datetime.fromisoformat(position["t"]), str(position["id"])]
-            except (ValueError, TypeError, KeyError):
-                raise InvalidArgument(
-                    "page_token is malformed; pass back next_page_token as given"
-                ) from None
+        after = paging.after_position(page_token)
+        if after is not None:
+            args += list(after)
             where.append(f"(create_time, schedule_id) > (${len(args) - 1}, ${len(args)})")
         rows = await self.pool.fetch(
             f"SELECT * FROM schedules WHERE {' AND '.join(where)}"
             " ORDER BY create_time, schedule_id LIMIT $1",
             *args,
         )
-        token = ""
-        if len(rows) > size:
-            last = rows[size - 1]
-            position = {"t": last["create_time"].isoformat(), "id": last["schedule_id"]}
-            token = base64.urlsafe_b64encode(json.dumps(position).encode()).decode()
+        token = paging.next_token(rows, size, "schedule_id")
         return [to_schedule(r) for r in rows[:size]], token
 
     async def set_paused(self, schedule_id: str, *, paused: bool) -> pb.Schedule:

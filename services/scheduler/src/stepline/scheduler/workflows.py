@@ -11,7 +11,6 @@ advisory lock.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Callable
 from typing import Any
@@ -21,40 +20,17 @@ from google.protobuf import timestamp_pb2
 
 from stepline.api.common.v1 import common_pb2, workflow_pb2
 from stepline.api.scheduler.v1 import workflow_service_pb2 as pb
+from stepline.common import paging
 from stepline.common.errors import Aborted, InvalidArgument, NotFound
 from stepline.scheduler.definitions import digest, validate_definition, workflow_refs
 
 WorkflowDefinition = workflow_pb2.WorkflowDefinition
 Authorize = Callable[[WorkflowDefinition | None], None]
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 MAX_VERSIONS_PAGE_SIZE = 100
 MAX_REFERENCE_WALK = 1000
 
 _VERSION_COLUMNS = "name, version, definition, digest, created_by_id, created_by_roles, create_time"
-
-
-def page_size(value: int, maximum: int = MAX_PAGE_SIZE) -> int:
-    if value < 0:
-        raise InvalidArgument("page_size must not be negative")
-    return min(value or DEFAULT_PAGE_SIZE, maximum)
-
-
-def encode_token(**position: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode()
-
-
-def decode_token(token: str, key: str, kind: type) -> Any:
-    if not token:
-        return None
-    try:
-        position = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except (ValueError, TypeError):
-        position = None
-    if not isinstance(position, dict) or not isinstance(position.get(key), kind):
-        raise InvalidArgument("page_token is malformed; pass back next_page_token as given")
-    return position[key]
 
 
 def _timestamp(value: Any) -> timestamp_pb2.Timestamp:
@@ -136,8 +112,8 @@ class WorkflowStore:
         readable: Callable[[WorkflowDefinition], bool] | None = None,
     ) -> pb.ListWorkflowsResponse:
         """Workflows by name; ``readable`` filters on the latest definition."""
-        size = page_size(request.page_size)
-        after: str = decode_token(request.page_token, "name", str) or ""
+        size = paging.page_size(request.page_size)
+        after: str = paging.decode_value(request.page_token, "name", str) or ""
         labels = json.dumps(dict(request.labels))
         query = (
             "SELECT w.name, w.latest_version, w.create_time, w.update_time, v.definition"
@@ -160,7 +136,7 @@ class WorkflowStore:
                         if len(response.workflows) == size:
                             break
             if not exhausted and await conn.fetchrow(query, request.name_prefix, labels, after, 1):
-                response.next_page_token = encode_token(name=after)
+                response.next_page_token = paging.encode_token(name=after)
         return response
 
     async def list_versions(
@@ -169,8 +145,8 @@ class WorkflowStore:
         """Versions of one workflow, newest first; NotFound if it does not exist."""
         if not request.name:
             raise InvalidArgument("name is required")
-        size = page_size(request.page_size, MAX_VERSIONS_PAGE_SIZE)
-        before = decode_token(request.page_token, "version", int)
+        size = paging.page_size(request.page_size, MAX_VERSIONS_PAGE_SIZE)
+        before = paging.decode_value(request.page_token, "version", int)
         async with self.pool.acquire() as conn:
             latest = await conn.fetchval(
                 "SELECT latest_version FROM workflows WHERE name = $1", request.name
@@ -186,7 +162,7 @@ class WorkflowStore:
             )
         response = pb.ListWorkflowVersionsResponse(versions=[_version(r) for r in rows[:size]])
         if len(rows) > size:
-            response.next_page_token = encode_token(version=rows[size - 1]["version"])
+            response.next_page_token = paging.encode_token(version=rows[size - 1]["version"])
         return response
 
     # writes

@@ -8,18 +8,23 @@ then measures with the same number of concurrent clients:
    one commit per insert: the database's commit rate for this machine;
 2. ledger: each client drives its own run through task transitions
    (RUNNING, SUCCEEDED, ...) via the ledger's store and group committer, the
-   same code path as the LedgerService RPCs, minus gRPC, in this process.
+   same code path as the LedgerService RPCs, minus gRPC, in this process;
+3. with ``--grpc``, instead: the same through the real ledger service in a
+   process of its own (``python -m stepline.ledger``: gRPC server, group
+   committer and event relay, publishing every event to a nats-server that the
+   benchmark starts), the clients in this process calling it over loopback.
 
 Prints transitions per second, p50/p99 latency and the ratio to plain inserts,
 and for each phase where the CPU went: this process (the ledger's store and
-committer, and the clients), PostgreSQL (all its processes), the rest of the
-machine; plus WAL bytes and commits per operation. ``--tables`` adds the rows
+committer, and the clients; with ``--grpc`` the clients only), the ledger
+service and nats-server (``--grpc``), PostgreSQL (all its processes), the rest
+of the machine; plus WAL bytes and commits per operation. ``--tables`` adds the rows
 each transition inserts and updates per table (and how many updates were HOT,
 i.e. wrote no index entry); ``--profile`` runs the ledger phase under
 cProfile and prints its top functions.
 
     .venv/bin/python bench/ledger_bench.py [--clients 32] [--seconds 10] [--shards 4]
-        [--tables] [--profile]
+        [--tables] [--profile] [--grpc]
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import asyncio
 import cProfile
 import os
 import pstats
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,9 +47,15 @@ import psutil
 
 from stepline.api.common.v1 import common_pb2, workflow_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
+from stepline.api.ledger.v1 import ledger_pb2_grpc
 from stepline.common import embedded
+from stepline.common.auth import Authenticator, Principal, new_token
+from stepline.common.client import open_channel
+from stepline.common.config import ClientSettings
 from stepline.common.db import create_pool, load_migrations
+from stepline.common.jetstream import Streams, connect
 from stepline.ledger.committer import GroupCommitter
+from stepline.ledger.relay import pending_count
 from stepline.ledger.store import LedgerStore
 
 ACTOR = common_pb2.Principal(id="bench", roles=["service"])
@@ -100,9 +112,12 @@ class Snapshot:
     wal: int
     commits: int
     tables: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    others: dict[str, float] = field(default_factory=dict)  # CPU of other processes
 
 
-async def snapshot(dsn: str, pg_pid: int | None, schema: str | None = None) -> Snapshot:
+async def snapshot(
+    dsn: str, pg_pid: int | None, schema: str | None = None, others: dict[str, int] | None = None
+) -> Snapshot:
     conn = await asyncpg.connect(dsn)
     try:
         wal = int(await conn.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
@@ -124,6 +139,7 @@ async def snapshot(dsn: str, pg_pid: int | None, schema: str | None = None) -> S
         wal,
         commits,
         tables,
+        {name: _tree_cpu(pid) for name, pid in (others or {}).items()},
     )
 
 
@@ -133,16 +149,21 @@ def usage(name: str, before: Snapshot, after: Snapshot, ops: int, *, pg_known: b
     own = (after.own_cpu - before.own_cpu) / elapsed
     pg = (after.pg_cpu - before.pg_cpu) / elapsed
     busy = (after.machine[0] - before.machine[0]) / elapsed
+    others = {k: (after.others[k] - before.others[k]) / elapsed for k in after.others}
     cores = os.cpu_count() or 1
     pg_text = f"PostgreSQL {pg:4.0%}" if pg_known else "PostgreSQL n/a"
+    other_text = "".join(f", {k} {v:4.0%}" for k, v in others.items())
+    rest = max(0.0, busy - own - pg - sum(others.values()))
     print(
-        f"  {name}: CPU (of one core) bench process {own:4.0%}, {pg_text},"
-        f" rest of machine {max(0.0, busy - own - pg):4.0%} (of {cores} cores)"
+        f"  {name}: CPU (of one core) bench process {own:4.0%}{other_text}, {pg_text},"
+        f" rest of machine {rest:4.0%} (of {cores} cores)"
     )
     per_op = 1e6 / max(1, ops) * elapsed
     pg_per_op = f", PostgreSQL {pg * per_op:.0f} us" if pg_known else ""
+    other_per_op = "".join(f", {k} {v * per_op:.0f} us" for k, v in others.items())
     print(
-        f"  {name}: per operation: bench process {own * per_op:.0f} us CPU{pg_per_op},"
+        f"  {name}: per operation: bench process {own * per_op:.0f} us CPU{other_per_op}"
+        f"{pg_per_op},"
         f" {(after.wal - before.wal) / max(1, ops):,.0f} WAL bytes,"
         f" {(after.commits - before.commits) / max(1, ops):.2f} commits"
     )
@@ -155,9 +176,7 @@ def table_usage(before: Snapshot, after: Snapshot, ops: int) -> None:
         a = after.tables[table]
         ins, upd, hot = (a[i] - b[i] for i in range(3))
         if ins or upd:
-            print(
-                f"    {table:<12} {ins / ops:5.2f} / {upd / ops:5.2f} / {hot / max(1, ops):5.2f}"
-            )
+            print(f"    {table:<12} {ins / ops:5.2f} / {upd / ops:5.2f} / {hot / max(1, ops):5.2f}")
 
 
 # --------------------------------------------------------------------------- phases
@@ -343,6 +362,91 @@ async def ledger_store(
     return ops, latencies, elapsed, per_batch
 
 
+_RPC = {
+    "create_run": "CreateRun",
+    "claim_run": "ClaimRun",
+    "transition_run": "TransitionRun",
+    "transition_task": "TransitionTask",
+}
+
+
+async def ledger_grpc(
+    dsn: str, options: Options, pg_pid: int | None, tmp: Path
+) -> tuple[int, list[float], float, float]:
+    """The ledger service in its own process, called over loopback gRPC."""
+    nats = embedded.start_nats(
+        tmp / "nats",
+        port=embedded.free_port(),
+        monitor_port=embedded.free_port(),
+        log_path=tmp / "nats.log",
+    )
+    token = new_token()
+    Authenticator.write_file(
+        tmp / "auth.json", [(token, Principal("bench", frozenset({"service"})))]
+    )
+    address = f"127.0.0.1:{embedded.free_port()}"
+    env = {
+        **os.environ,
+        "STEPLINE_DATABASE_URL": dsn,
+        "STEPLINE_NATS_URL": nats.endpoint,
+        "STEPLINE_LISTEN": address,
+        "STEPLINE_AUTH_FILE": str(tmp / "auth.json"),
+        "STEPLINE_LEDGER_COMMIT_SHARDS": str(options.shards),
+        "STEPLINE_LOG_LEVEL": "warning",
+    }
+    with open(tmp / "ledger.log", "wb") as log:
+        ledger = subprocess.Popen(
+            [sys.executable, "-m", "stepline.ledger"], env=env, stdout=log, stderr=log
+        )
+    settings = ClientSettings(service_token=token, default_timeout_s=60.0, wait_for_ready=True)
+    channel = open_channel(address, settings=settings)
+    nc = await connect(nats.endpoint, name="ledger-bench")
+    try:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+
+        async def call(method: str, request: object) -> object:
+            return await getattr(stub, _RPC[method])(request)
+
+        drivers = [RunDriver(call, n) for n in range(options.clients)]
+        for driver in drivers:
+            await driver.new_run()
+        others = {"ledger service": ledger.pid, "nats": nats.pid}
+        before = await snapshot(dsn, pg_pid, others=others)
+        ops, latencies, elapsed = await timed_loop(
+            options.clients, options.seconds, lambda n: drivers[n].step
+        )
+        after = await snapshot(dsn, pg_pid, others=others)
+        usage("ledger (gRPC)", before, after, ops, pg_known=pg_pid is not None)
+        # How far the relay was behind when the clients stopped, and how long it
+        # takes to catch up.
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1,
+                                         server_settings={"search_path": "ledger"})
+        try:
+            behind = await pending_count(pool)
+            started = time.perf_counter()
+            while await pending_count(pool) > 0 and time.perf_counter() - started < 60:
+                await asyncio.sleep(0.05)
+            caught_up = time.perf_counter() - started
+        finally:
+            await pool.close()
+        info = await nc.jetstream().stream_info(Streams().events)
+        print(
+            f"  event relay: {info.state.messages} events in STEPLINE_EVENTS;"
+            f" {behind} not yet published when the clients stopped, published"
+            f" {caught_up:.2f} s later"
+        )
+    finally:
+        await nc.close()
+        await channel.close()
+        ledger.terminate()
+        try:
+            ledger.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            ledger.kill()
+        embedded.stop(nats)
+    return ops, latencies, elapsed, float("nan")
+
+
 def report(name: str, ops: int, latencies: list[float], elapsed: float) -> float:
     rate = ops / elapsed
     print(
@@ -364,6 +468,11 @@ async def main() -> None:
         "--profile", action="store_true", help="run the ledger phase under cProfile"
     )
     parser.add_argument("--profile-top", type=int, default=30, help="functions shown")
+    parser.add_argument(
+        "--grpc",
+        action="store_true",
+        help="call the real ledger service (own process, with its event relay) over gRPC",
+    )
     args = parser.parse_args()
     options = Options(
         args.clients, args.seconds, args.shards, args.tables, args.profile, args.profile_top
@@ -387,12 +496,17 @@ async def main() -> None:
             plain = report(
                 "plain insert+commit", *await plain_inserts(dsn, args.clients, args.seconds, pg_pid)
             )
-            ops, latencies, elapsed, per_batch = await ledger_store(dsn, options, pg_pid)
-            ledger = report("ledger transitions (store)", ops, latencies, elapsed)
-            print(
-                f"ratio ledger/plain: {ledger / plain:.2f}"
-                f"   mean operations per commit: {per_batch:.1f}"
-            )
+            if args.grpc:
+                ops, latencies, elapsed, _ = await ledger_grpc(dsn, options, pg_pid, Path(tmp))
+                ledger = report("ledger transitions (gRPC)", ops, latencies, elapsed)
+                print(f"ratio ledger/plain: {ledger / plain:.2f}")
+            else:
+                ops, latencies, elapsed, per_batch = await ledger_store(dsn, options, pg_pid)
+                ledger = report("ledger transitions (store)", ops, latencies, elapsed)
+                print(
+                    f"ratio ledger/plain: {ledger / plain:.2f}"
+                    f"   mean operations per commit: {per_batch:.1f}"
+                )
         finally:
             if record is not None:
                 embedded.stop(record)

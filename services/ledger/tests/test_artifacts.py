@@ -29,6 +29,7 @@ from stepline.common.testing import Credentials
 from stepline.ledger import artifacts, queries
 from stepline.ledger.checks import MAX_ARTIFACT_BYTES
 from stepline.ledger.config import MIN_MESSAGE_BYTES, LedgerSettings
+from stepline.ledger.events import subject_kind
 from stepline.ledger.server import running
 
 from .conftest import ACTOR, EXECUTOR, Ledger, claimed_run, create_request
@@ -103,10 +104,13 @@ def put(
 
 
 async def written(ledger: Ledger) -> tuple[int, int, int, int]:
-    """Artifacts, events, outbox rows and stored requests: what a write adds to."""
+    """Artifacts, events, events waiting for the relay and stored requests: what a
+    write adds to."""
     row = await ledger.pool.fetchrow(
         "SELECT (SELECT count(*) FROM artifacts) AS a, (SELECT count(*) FROM events) AS e,"
-        " (SELECT count(*) FROM outbox) AS o, (SELECT count(*) FROM requests) AS q"
+        " (SELECT count(*) FROM events e, relay_position p"
+        "  WHERE (e.xid, e.run_id, e.sequence) > (p.xid, p.run_id, p.sequence)) AS o,"
+        " (SELECT count(*) FROM requests) AS q"
     )
     return row["a"], row["e"], row["o"], row["q"]
 
@@ -155,7 +159,7 @@ async def test_put_and_get_round_trip(ledger: Ledger) -> None:
     done = await move_task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_SUCCEEDED)
     assert list(done.task.artifacts) == expected
 
-    # One ARTIFACT_RECORDED event each, by the actor, relayed through the outbox.
+    # One ARTIFACT_RECORDED event each, by the actor, relayed on the task's subject.
     history = await queries.get_run_history(ledger.pool, pb.GetRunHistoryRequest(run_id=run_id))
     recorded = [e for e in history.events if e.type == E.RUN_EVENT_TYPE_ARTIFACT_RECORDED]
     assert [e.task_id for e in recorded] == [task_id, task_id]
@@ -169,11 +173,7 @@ async def test_put_and_get_round_trip(ledger: Ledger) -> None:
         "size_bytes": len(PNG),
         "sha256": stored.sha256,
     }
-    subjects = await ledger.pool.fetch(
-        "SELECT o.subject FROM outbox o JOIN events e USING (event_id) WHERE e.type = $1",
-        E.RUN_EVENT_TYPE_ARTIFACT_RECORDED,
-    )
-    assert [s["subject"] for s in subjects] == [f"task.{run_id}"] * 2
+    assert [subject_kind(e.type) for e in recorded] == ["task", "task"]
     sequences = [e.sequence for e in history.events]
     assert sequences == list(range(1, len(sequences) + 1))  # no gaps
 

@@ -10,7 +10,7 @@ from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.errors import InvalidArgument, NotFound
 from stepline.ledger import queries
 
-from .conftest import Ledger, claimed_run, create_request
+from .conftest import EXECUTOR, Ledger, claimed_run, create_request
 
 R = common_pb2.WorkflowRunState
 
@@ -90,3 +90,26 @@ async def test_orphaned_runs_are_listed_for_the_reconciler(ledger: Ledger) -> No
         expired: pb.ORPHAN_REASON_CLAIM_EXPIRED,
     }
     assert fresh not in reasons and claimed not in reasons
+
+
+async def test_a_released_run_is_orphaned_only_after_the_grace(ledger: Ledger) -> None:
+    """A claim given up by its holder (drain) or reset by RerunFrom leaves a job
+    on its way; the reconciler dispatches again only after the grace period."""
+    run_id, epoch = await claimed_run(ledger, "released")
+    await ledger.store.release_claim(
+        pb.ReleaseClaimRequest(
+            request_id="rel", run_id=run_id, executor_id=EXECUTOR, epoch=epoch, reason="shutdown"
+        )
+    )
+    within = await queries.list_orphaned_runs(
+        ledger.pool, pb.ListOrphanedRunsRequest(grace_period=Duration(seconds=60))
+    )
+    assert run_id not in {o.run.run_id for o in within.runs}
+    await ledger.pool.execute(
+        "UPDATE runs SET claim_expire = claim_expire - interval '61 seconds' WHERE run_id = $1",
+        run_id,
+    )
+    after = await queries.list_orphaned_runs(
+        ledger.pool, pb.ListOrphanedRunsRequest(grace_period=Duration(seconds=60))
+    )
+    assert {o.run.run_id: o.reason for o in after.runs}[run_id] == pb.ORPHAN_REASON_CLAIM_EXPIRED

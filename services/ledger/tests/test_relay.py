@@ -1,4 +1,4 @@
-"""The outbox relay against a real PostgreSQL and nats-server."""
+"""The event relay against a real PostgreSQL and nats-server."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -16,7 +17,8 @@ from stepline.api.common.v1 import common_pb2, run_pb2
 from stepline.api.events.v1 import events_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.jetstream import MSG_ID_HEADER, Streams, ensure_streams
-from stepline.ledger.relay import OutboxRelay, pending_count
+from stepline.ledger.events import EventLog
+from stepline.ledger.relay import EventRelay, pending_count
 
 from .conftest import ACTOR, Ledger, claimed_run
 
@@ -110,7 +112,7 @@ async def _eventually(
         await asyncio.sleep(0.02)
 
 
-async def _drain(relay: OutboxRelay) -> int:
+async def _drain(relay: EventRelay) -> int:
     total = 0
     while (count := await relay.publish_pending()) > 0:
         total += count
@@ -130,13 +132,16 @@ async def test_every_event_is_published_once_in_run_order(
     total = await pending_count(ledger.pool)
     assert total > 10
 
-    async with OutboxRelay(pool=ledger.pool, js=js, streams=streams, batch_size=4) as relay:
+    async with EventRelay(pool=ledger.pool, js=js, streams=streams, batch_size=4) as relay:
         assert await _drain(relay) == total
         assert relay.published == total
         assert await relay.publish_pending() == 0
     assert await pending_count(ledger.pool) == 0
-    unmarked = await ledger.pool.fetchval("SELECT count(*) FROM outbox WHERE publish_time IS NULL")
-    assert unmarked == 0
+    cursor = await ledger.pool.fetchrow("SELECT run_id, sequence FROM relay_position")
+    last = await ledger.pool.fetchrow(
+        "SELECT run_id, sequence FROM events ORDER BY xid DESC, run_id DESC, sequence DESC LIMIT 1"
+    )
+    assert tuple(cursor) == tuple(last)
 
     messages = await _read_stream(js, streams)
     assert len(messages) == total
@@ -153,6 +158,15 @@ async def test_every_event_is_published_once_in_run_order(
             assert event.record.type == row["type"]
             assert event.record.run_id == run_id
             assert subject == streams.subject("events", KIND[row["type"]], run_id)
+            assert event.time == event.record.time and event.actor == event.record.actor
+            if row["type"] == E.RUN_EVENT_TYPE_TASK_STATE_CHANGED:
+                # The typed payload travels too.
+                assert event.WhichOneof("payload") == "task_state_changed"
+                assert event.task_state_changed.task_id == event.record.task_id
+                to_state = T.Name(event.task_state_changed.to_state)
+                assert to_state == "TASK_RUN_STATE_" + event.record.payload["to_state"]
+            if row["type"] == E.RUN_EVENT_TYPE_RUN_CREATED:
+                assert event.run_state_changed.to_state == R.WORKFLOW_RUN_STATE_PENDING
     assert {m[1] for m in messages} == await _event_ids(ledger)
 
 
@@ -174,23 +188,21 @@ async def test_crash_between_publish_and_mark(
     total = await pending_count(ledger.pool)
     assert total >= 5
     crash_after = 3
-    acked: list[int] = []
+    acked: list[str] = []
 
-    async def hook(row_id: int) -> None:
-        acked.append(row_id)
+    async def hook(event_id: str) -> None:
+        acked.append(event_id)
         if len(acked) == crash_after:
             raise error("crash after the ack, before the mark")
 
-    async with OutboxRelay(
-        pool=ledger.pool, js=js, streams=streams, after_publish=hook
-    ) as crashing:
+    async with EventRelay(pool=ledger.pool, js=js, streams=streams, after_publish=hook) as crashing:
         with pytest.raises(error):
             await crashing.publish_pending()
     assert await _stream_messages(js, streams) == crash_after
     marked = 0 if error is Crash else crash_after - 1
     assert await pending_count(ledger.pool) == total - marked
 
-    async with OutboxRelay(pool=ledger.pool, js=js, streams=streams) as fresh:
+    async with EventRelay(pool=ledger.pool, js=js, streams=streams) as fresh:
         assert await fresh.publish_pending() == total - marked
     assert await pending_count(ledger.pool) == 0
     messages = await _read_stream(js, streams)
@@ -205,8 +217,8 @@ async def test_only_one_relay_publishes(
     js = await _js(nats_client, streams)
     run_id, epoch = await _start(ledger, "req-1")
     async with (
-        OutboxRelay(pool=ledger.pool, js=js, streams=streams) as one,
-        OutboxRelay(pool=ledger.pool, js=js, streams=streams) as two,
+        EventRelay(pool=ledger.pool, js=js, streams=streams) as one,
+        EventRelay(pool=ledger.pool, js=js, streams=streams) as two,
     ):
         assert await one.publish_pending() > 0
         assert one.is_leader
@@ -233,12 +245,16 @@ async def _run_until_cancelled(task: asyncio.Task[None]) -> None:
     assert task.cancelled()
 
 
-async def test_run_wakes_on_notify(ledger: Ledger, nats_client: NATS, streams: Streams) -> None:
+async def test_run_wakes_on_commits_here_and_in_other_replicas(
+    ledger: Ledger, nats_client: NATS, streams: Streams
+) -> None:
     js = await _js(nats_client, streams)
     run_id, epoch = await _start(ledger, "req-1")
-    # A poll interval far beyond the test's timeouts: only NOTIFY can wake it.
-    relay = OutboxRelay(pool=ledger.pool, js=js, streams=streams, poll_interval_s=600)
-    task = asyncio.create_task(relay.run())
+    # Poll intervals far beyond the test's timeouts: only wake-ups can wake them.
+    leader = EventRelay(pool=ledger.pool, js=js, streams=streams, poll_interval_s=600)
+    follower = EventRelay(pool=ledger.pool, js=js, streams=streams, poll_interval_s=600)
+    leading = asyncio.create_task(leader.run())
+    following: asyncio.Task[None] | None = None
     try:
         before = await pending_count(ledger.pool)
 
@@ -246,22 +262,77 @@ async def test_run_wakes_on_notify(ledger: Ledger, nats_client: NATS, streams: S
             return await _stream_messages(js, streams) == before
 
         await _eventually(drained, what="the first pass")
-        await _eventually(lambda: _zero(ledger), what="the first rows to be marked")
+        await _eventually(lambda: _zero(ledger), what="the cursor to move")
+        assert leader.is_leader
 
+        # This ledger's commits wake its relay...
+        ledger.store.committer.on_commit = leader.notify
         await _task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
         total = len(await _event_ids(ledger))
         assert total > before
 
         async def published() -> bool:
-            return await _stream_messages(js, streams) == total
+            return await _stream_messages(js, streams) == len(await _event_ids(ledger))
 
-        await _eventually(published, what="the notified pass")
-        await _eventually(lambda: _zero(ledger), what="the rows to be marked")
+        await _eventually(published, what="the pass after a local commit")
+        await _eventually(lambda: _zero(ledger), what="the cursor to move")
+
+        # ...and a replica whose relay does not lead passes its commits on (NOTIFY).
+        following = asyncio.create_task(follower.run())
+        ledger.store.committer.on_commit = follower.notify
+        await _task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_SUCCEEDED)
+        assert len(await _event_ids(ledger)) > total
+        await _eventually(published, what="the pass after another replica's commit")
+        await _eventually(lambda: _zero(ledger), what="the cursor to move")
+        assert not follower.is_leader
     finally:
-        await _run_until_cancelled(task)
-    assert not relay.is_leader  # run() gave its connection (and the lock) back
-    async with OutboxRelay(pool=ledger.pool, js=js, streams=streams) as successor:
+        ledger.store.committer.on_commit = None
+        if following is not None:
+            await _run_until_cancelled(following)
+        await _run_until_cancelled(leading)
+    assert not leader.is_leader  # run() gave its connection (and the lock) back
+    async with EventRelay(pool=ledger.pool, js=js, streams=streams) as successor:
         assert await successor.try_lead()
+
+
+async def test_events_wait_for_older_transactions(
+    ledger: Ledger, nats_client: NATS, streams: Streams
+) -> None:
+    """An event committed while an older transaction still runs is published only
+    after that one ends: the older one could still commit events before it."""
+    js = await _js(nats_client, streams)
+    run_id, epoch = await _start(ledger, "req-1")
+    async with EventRelay(pool=ledger.pool, js=js, streams=streams) as relay:
+        await _drain(relay)
+        assert not await relay.held_back()
+        async with ledger.pool.acquire() as conn:
+            older = conn.transaction()
+            await older.start()
+            await conn.fetchval("SELECT pg_current_xact_id()")  # it has begun writing
+            await _task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)  # a newer one
+            assert await pending_count(ledger.pool) == 2
+            assert await relay.publish_pending() == 0
+            assert await relay.held_back()
+            await older.rollback()
+        assert await relay.publish_pending() == 2
+        assert not await relay.held_back()
+    messages = await _read_stream(js, streams)
+    assert [e.record.sequence for _, _, e in messages] == list(range(1, len(messages) + 1))
+
+
+async def test_an_append_behind_a_newer_transaction_is_refused(ledger: Ledger) -> None:
+    """A run's events are appended in transaction order (the relay's order): a
+    transaction older than the one that appended the run's last event (as another
+    replica's write, which waited for the run's lock) cannot append after it."""
+    run_id, epoch = await _start(ledger, "req-1")
+    async with ledger.pool.acquire() as conn, conn.transaction():
+        await conn.fetchval("SELECT pg_current_xact_id()")  # it has begun writing
+        await _task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)  # a newer one
+        last = await conn.fetchval("SELECT last_sequence FROM runs WHERE run_id = $1", run_id)
+        log = EventLog(run_id, last)
+        log.add(E.RUN_EVENT_TYPE_CONTROL_REQUESTED, ACTOR)
+        with pytest.raises(asyncpg.SerializationError, match="newer transaction"):
+            await log.flush(conn)
 
 
 async def _zero(ledger: Ledger) -> bool:
@@ -277,17 +348,17 @@ async def test_run_retries_after_nats_errors(
     js = nats_client.jetstream()  # the events stream does not exist yet
     await _start(ledger, "req-1")
     total = await pending_count(ledger.pool)
-    relay = OutboxRelay(pool=ledger.pool, js=js, streams=streams, poll_interval_s=0.05)
+    relay = EventRelay(pool=ledger.pool, js=js, streams=streams, poll_interval_s=0.05)
     task = asyncio.create_task(relay.run())
     try:
         with caplog.at_level(logging.WARNING, logger="stepline.ledger.relay"):
 
             async def warned() -> bool:
-                return any("outbox relay" in r.getMessage() for r in caplog.records)
+                return any("event relay" in r.getMessage() for r in caplog.records)
 
             await _eventually(warned, what="a warning")
         assert not task.done()
-        assert await pending_count(ledger.pool) == total  # nothing marked without an ack
+        assert await pending_count(ledger.pool) == total  # the cursor moves only on acks
 
         await ensure_streams(js, streams)
         await _eventually(lambda: _zero(ledger), what="the rows to be published")

@@ -12,6 +12,7 @@ from stepline.api.common.v1 import common_pb2, run_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from stepline.ledger import states
+from stepline.ledger.relay import pending_count
 
 from .conftest import ACTOR, EXECUTOR, OPERATOR, Ledger, claimed_run, create_request
 
@@ -62,8 +63,8 @@ async def _snapshot(ledger: Ledger, run_id: str) -> tuple[object, ...]:
     tasks = await ledger.pool.fetch(
         "SELECT state FROM tasks WHERE run_id = $1 ORDER BY ordinal", run_id
     )
-    outbox = await ledger.pool.fetchval("SELECT count(*) FROM outbox")
-    return (run["state"], run["last_sequence"], [t["state"] for t in tasks], outbox)
+    waiting = await pending_count(ledger.pool)  # events for the relay
+    return (run["state"], run["last_sequence"], [t["state"] for t in tasks], waiting)
 
 
 ALL_RUN_STATES = [s for s in R.values() if s != R.WORKFLOW_RUN_STATE_UNSPECIFIED]
@@ -304,7 +305,7 @@ async def test_history_lists_every_transition_in_order(ledger: Ledger) -> None:
         (E.RUN_EVENT_TYPE_TASK_STATE_CHANGED, "b", "SUCCEEDED"),
         (E.RUN_EVENT_TYPE_RUN_STATE_CHANGED, "", "SUCCEEDED"),
     ]
-    assert await ledger.pool.fetchval("SELECT count(*) FROM outbox") == len(history.events)
+    assert await pending_count(ledger.pool) == len(history.events)  # all for the relay
     page = await queries.get_run_history(
         ledger.pool, pb.GetRunHistoryRequest(run_id=run_id, after_sequence=10, page_size=5)
     )
@@ -349,3 +350,21 @@ async def test_cancel_of_a_claimed_run_waits_for_its_holder(ledger: Ledger) -> N
         pb.RenewClaimRequest(request_id=rid(), run_id=run_id, executor_id=EXECUTOR, epoch=epoch)
     )
     assert renewed.pending_control == run_pb2.CONTROL_ACTION_CANCEL
+
+
+@pytest.mark.parametrize("waiting", [R.WORKFLOW_RUN_STATE_SUSPENDED, R.WORKFLOW_RUN_STATE_PAUSED])
+async def test_cancel_of_a_waiting_run_applies_even_while_claimed(
+    ledger: Ledger, waiting: int
+) -> None:
+    """A SUSPENDED or PAUSED run waits for a person, not for its holder: a cancel
+    that races with the holder letting go is applied at once, never lost."""
+    run_id, epoch = await claimed_run(ledger)
+    await ledger.store.transition_run(run_request(run_id, epoch, R.WORKFLOW_RUN_STATE_RUNNING))
+    await ledger.store.transition_run(run_request(run_id, epoch, waiting))
+    response = await ledger.store.request_control(
+        pb.RequestControlRequest(
+            request_id=rid(), run_id=run_id, action=run_pb2.CONTROL_ACTION_CANCEL, actor=OPERATOR
+        )
+    )
+    assert response.applied
+    assert response.run.state == R.WORKFLOW_RUN_STATE_CANCELLED

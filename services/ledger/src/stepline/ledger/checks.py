@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
@@ -129,15 +130,18 @@ def earlier_response(
     return response_type.FromString(stored_response)
 
 
-def check_claim(row: Mapping[str, Any], epoch: int, *, what: str) -> None:
-    """Fencing: ``epoch`` must be the current claim's, and the claim live."""
+def check_claim(
+    row: Mapping[str, Any], epoch: int, *, what: str, now: datetime | None = None
+) -> None:
+    """Fencing: ``epoch`` must be the current claim's, and the claim live (at
+    ``now``, by default the row's ``now``)."""
     if epoch != row["claim_epoch"]:
         raise FailedPrecondition(
             f"stale epoch {epoch} for {what}: it is claimed under epoch {row['claim_epoch']}"
         )
     if row["claim_executor"] is None:
         raise FailedPrecondition(f"the claim of {what} under epoch {epoch} was released")
-    if row["claim_expire"] <= row["now"]:
+    if row["claim_expire"] <= (row["now"] if now is None else now):
         raise FailedPrecondition(f"the claim of {what} under epoch {epoch} has expired")
 
 
@@ -164,7 +168,7 @@ def validate_step_change(
     output: Any,
     attempt: pb.AttemptUpdate,
 ) -> None:
-    if state == T.TASK_RUN_STATE_UNSPECIFIED or state not in T.values():
+    if state == T.TASK_RUN_STATE_UNSPECIFIED or state not in states.TASK_STATES:
         raise InvalidArgument("state must be a TaskRunState")
     if state in states.NEEDS_FAILURE_TASK:
         require_failure(failure, states.task_state_name(state))

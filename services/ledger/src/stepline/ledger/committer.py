@@ -59,10 +59,35 @@ Operation = Callable[[asyncpg.Connection], Awaitable[T]] | UnitOperation[T]
 _Item = tuple[Operation[Any], "asyncio.Future[Any]"]
 
 
+# Session settings of the committer's connections. Its statements are few and
+# run very often with array parameters: plan them once (generic plans), not at
+# every execution, and only as index lookups: a generic plan made while the
+# tables are small (a new database) would otherwise scan whole tables for
+# ever after (every access of the write path is by key).
+_SESSION_SQL = (
+    "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off;"
+    " SET enable_hashjoin = off; SET enable_mergejoin = off"
+)
+
+
 class GroupCommitter:
-    def __init__(self, pool: asyncpg.Pool, *, shards: int = 4, max_batch: int = 128) -> None:
+    """Applies operations in shared transactions, one worker per shard.
+
+    ``on_commit``, if given, is called after every commit (e.g. to wake the
+    event relay).
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        shards: int = 4,
+        max_batch: int = 128,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
         self._pool = pool
         self._max_batch = max_batch
+        self.on_commit = on_commit
         self._queues: list[asyncio.Queue[_Item]] = [asyncio.Queue() for _ in range(shards)]
         self._workers: list[asyncio.Task[None]] = []
         self.batches = 0
@@ -100,9 +125,7 @@ class GroupCommitter:
                     batch.append(queue.get_nowait())
                 if conn is None or conn.is_closed():
                     conn = await self._pool.acquire()
-                    # The writes are few statements run very often with array
-                    # parameters: plan them once, not at every execution.
-                    await conn.execute("SET plan_cache_mode = force_generic_plan")
+                    await conn.execute(_SESSION_SQL)
                 await self._commit(conn, batch)
         finally:
             if conn is not None:
@@ -140,6 +163,8 @@ class GroupCommitter:
             return
         self.batches += 1
         self.operations += len(batch)
+        if self.on_commit is not None:
+            self.on_commit()
         for future, value, error in outcomes:
             if future.done():
                 continue

@@ -1,14 +1,17 @@
-"""Appending to a run's event log and to the outbox, in the caller's transaction.
+"""Appending to a run's event log, in the caller's transaction.
 
-Every applied change appends a ``RunEvent`` with the run's next sequence number
-and an outbox row holding the protobuf ``Event`` that the relay publishes to
-``STEPLINE_EVENTS``. Both are written by the operation that made the change, in
-its transaction, so an event exists if and only if its change was committed.
+Every applied change appends ``RunEvent`` rows with the run's next sequence
+numbers, written by the operation that made the change, in its transaction, so
+an event exists if and only if its change was committed. The relay
+(:mod:`stepline.ledger.relay`) publishes the log itself to ``STEPLINE_EVENTS``:
+each row becomes a protobuf ``Event`` (:func:`published_event`) whose typed
+payload, if any, the row keeps in ``envelope``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,7 +27,7 @@ from stepline.ledger import convert
 E = run_pb2.RunEventType
 
 # Subject kind of each event type: stepline.events.<kind>.<run_id>
-_KIND = {
+_KIND: dict[int, str] = {
     E.RUN_EVENT_TYPE_RUN_CREATED: "run",
     E.RUN_EVENT_TYPE_RUN_STATE_CHANGED: "run",
     E.RUN_EVENT_TYPE_CLAIMED: "run",
@@ -43,21 +46,70 @@ _KIND = {
 }
 
 
-@dataclass
-class _Pending:
-    record: run_pb2.RunEvent
-    time: datetime
-    payload: dict[str, Any]
-    typed: tuple[str, Message] | None
+# Columns of ``events`` in table order: each queued event is a row of the
+# composite type ``events`` (xid is left NULL there: the insert lists the other
+# columns, so the column default, the writing transaction, applies).
+EVENT_COLUMNS = (
+    "run_id",
+    "sequence",
+    "event_id",
+    "type",
+    "actor_id",
+    "actor_roles",
+    "time",
+    "task_id",
+    "chunk_id",
+    "payload",
+    "xid",
+    "envelope",
+    "request_fingerprint",
+    "response",
+)
+_FINGERPRINT = EVENT_COLUMNS.index("request_fingerprint")
+_RESPONSE = EVENT_COLUMNS.index("response")
+
+
+# uuid.uuid4() and uuid.uuid5() as text, without building UUID objects (several
+# microseconds each, on the hot path): the version and variant bits set by hand.
+_VERSION_BITS = ~(0xF000 << 64 | 0xC000 << 48)
+_V4 = 0x4000 << 64 | 0x8000 << 48
+_V5 = 0x5000 << 64 | 0x8000 << 48
+
+
+def _uuid_text(value: int) -> str:
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def random_id() -> str:
+    """A random (version 4) UUID, as ``str(uuid.uuid4())``."""
+    return _uuid_text(int.from_bytes(os.urandom(16)) & _VERSION_BITS | _V4)
+
+
+def name_based_id(namespace: uuid.UUID, name: str) -> str:
+    """A name-based (version 5) UUID, as ``str(uuid.uuid5(namespace, name))``."""
+    digest = hashlib.sha1(namespace.bytes + name.encode()).digest()[:16]
+    return _uuid_text(int.from_bytes(digest) & _VERSION_BITS | _V5)
+
+
+def subject_kind(type_: int) -> str:
+    """The ``<kind>`` of an event's subject, ``stepline.events.<kind>.<run_id>``."""
+    return _KIND.get(type_, "run")
 
 
 @dataclass
 class EventLog:
-    """The events one operation appends to one run's log."""
+    """The events one operation appends to one run's log.
+
+    ``first_event_id``, if given, is the id of the first event added (a task or
+    chunk transition derives it from its request, see :mod:`stepline.ledger.unit`);
+    the others get random ids.
+    """
 
     run_id: str
     last_sequence: int
-    pending: list[_Pending] = field(default_factory=list)
+    first_event_id: str | None = None
+    rows: list[list[Any]] = field(default_factory=list)
 
     def add(
         self,
@@ -69,26 +121,48 @@ class EventLog:
         payload: dict[str, Any] | None = None,
         typed: tuple[str, Message] | None = None,
     ) -> int:
-        """Queue an event; returns its sequence number."""
+        """Queue an event; returns its sequence number. ``typed`` names the field of
+        ``stepline.api.events.v1.Event`` that the published event carries, if any."""
         self.last_sequence += 1
-        record = run_pb2.RunEvent(
-            event_id=str(uuid.uuid4()),
-            run_id=self.run_id,
-            sequence=self.last_sequence,
-            type=type_,  # type: ignore[arg-type]
-            actor=actor,
-            task_id=task_id,
-            chunk_id=chunk_id,
-            payload=convert.struct(payload),
+        event_id = self.first_event_id if not self.rows and self.first_event_id else None
+        envelope = None
+        if typed is not None:
+            holder = events_pb2.Event()
+            getattr(holder, typed[0]).CopyFrom(typed[1])
+            envelope = holder.SerializeToString()
+        self.rows.append(
+            [
+                self.run_id,
+                self.last_sequence,
+                event_id or random_id(),
+                type_,
+                actor.id,
+                list(actor.roles),
+                datetime.now(UTC),
+                task_id or None,
+                chunk_id or None,
+                payload or {},
+                None,
+                envelope,
+                None,
+                None,
+            ]
         )
-        now = datetime.now(UTC)
-        convert.fill_timestamp(record.time, now)
-        self.pending.append(_Pending(record, now, payload or {}, typed))
         return self.last_sequence
+
+    def record_request(self, fingerprint_: str, response: bytes) -> None:
+        """Keep an idempotency record (request fingerprint, response) on the first event."""
+        first = self.rows[0]
+        first[_FINGERPRINT] = fingerprint_
+        first[_RESPONSE] = response
 
     def queued(self) -> list[run_pb2.RunEvent]:
         """The events added and not yet flushed, oldest first."""
-        return [item.record for item in self.pending]
+        return [convert.event(dict(zip(EVENT_COLUMNS, row, strict=True))) for row in self.rows]
+
+    def event_rows(self) -> list[tuple[Any, ...]]:
+        """The queued events as rows of the composite type ``events``."""
+        return [tuple(row) for row in self.rows]
 
     async def flush(
         self,
@@ -97,62 +171,35 @@ class EventLog:
         request: Message | None = None,
         response: Message | None = None,
     ) -> None:
-        """Write the queued events, their outbox rows, the run's last sequence and,
-        given a request, its response for idempotent replays: one statement."""
-        events, outbox = event_rows(self)
+        """Write the queued events, the run's last sequence and, given a request, its
+        response for idempotent replays: one statement."""
+        first_sequence = self.rows[0][1] if self.rows else 0
         await conn.execute(
             _FLUSH_SQL,
             self.run_id,
-            events,
-            [o[0] for o in outbox],
-            [o[2] for o in outbox],
-            [o[3] for o in outbox],
-            [o[4] for o in outbox],
+            self.event_rows(),
             self.last_sequence,
             request.DESCRIPTOR.name if request is not None else None,
             getattr(request, "request_id", None),
             fingerprint(request) if request is not None else None,
             response.SerializeToString() if response is not None else None,
+            first_sequence - 1,
         )
-        self.pending.clear()
+        self.rows.clear()
 
 
-def event_rows(log: EventLog) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """The ``events`` rows (in table column order) and outbox rows (event_id, run_id,
-    subject, body, create_time) of the events queued in ``log``."""
-    events: list[tuple[Any, ...]] = []
-    outbox: list[tuple[Any, ...]] = []
-    for item in log.pending:
-        record = item.record
-        envelope = events_pb2.Event(
-            event_id=record.event_id,
-            run_id=record.run_id,
-            sequence=record.sequence,
-            time=record.time,
-            actor=record.actor,
-            record=record,
-        )
-        if item.typed is not None:
-            name, message = item.typed
-            getattr(envelope, name).CopyFrom(message)
-        when = item.time
-        events.append(
-            (
-                record.run_id,
-                record.sequence,
-                record.event_id,
-                int(record.type),
-                record.actor.id,
-                list(record.actor.roles),
-                when,
-                record.task_id or None,
-                record.chunk_id or None,
-                item.payload,
-            )
-        )
-        subject = f"{_KIND.get(record.type, 'run')}.{record.run_id}"
-        outbox.append((record.event_id, record.run_id, subject, envelope.SerializeToString(), when))
-    return events, outbox
+def published_event(row: Any) -> events_pb2.Event:
+    """The ``stepline.api.events.v1.Event`` the relay publishes for an ``events`` row."""
+    record = convert.event(row)
+    envelope = row["envelope"]
+    event = events_pb2.Event.FromString(envelope) if envelope else events_pb2.Event()
+    event.event_id = record.event_id
+    event.run_id = record.run_id
+    event.sequence = record.sequence
+    event.time.CopyFrom(record.time)
+    event.actor.CopyFrom(record.actor)
+    event.record.CopyFrom(record)
+    return event
 
 
 def fingerprint(request: Message) -> str:
@@ -163,21 +210,22 @@ def fingerprint(request: Message) -> str:
     return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
+# Appends a run's events. An event appended by a newer transaction than this
+# one (another ledger replica's, committed while this one waited for the run's
+# lock) makes it fail with serialization_failure, to be retried: the relay
+# publishes in transaction order, so a run's events must be appended in it too.
 _FLUSH_SQL = """
 WITH new_events AS (
     INSERT INTO events (run_id, sequence, event_id, type, actor_id, actor_roles, time,
-                        task_id, chunk_id, payload)
-    SELECT * FROM unnest($2::events[])
-), new_outbox AS (
-    INSERT INTO outbox (event_id, run_id, subject, body, create_time)
-    SELECT o.event_id, $1, o.subject, o.body, o.create_time
-    FROM unnest($3::uuid[], $4::text[], $5::bytea[], $6::timestamptz[])
-        AS o(event_id, subject, body, create_time)
+                        task_id, chunk_id, payload, envelope, request_fingerprint, response)
+    SELECT run_id, sequence, event_id, type, actor_id, actor_roles, time,
+           task_id, chunk_id, payload, envelope, request_fingerprint, response
+    FROM unnest($2::events[])
 ), new_request AS (
     INSERT INTO requests (method, request_id, fingerprint, response)
-    SELECT $8, $9, $10, $11 WHERE $8::text IS NOT NULL
+    SELECT $4, $5, $6, $7 WHERE $4::text IS NOT NULL
 )
-UPDATE runs SET last_sequence = $7,
-    update_time = CASE WHEN $7 > last_sequence THEN clock_timestamp() ELSE update_time END
-WHERE run_id = $1
+UPDATE runs SET last_sequence = $3,
+    update_time = CASE WHEN $3 > last_sequence THEN clock_timestamp() ELSE update_time END
+WHERE run_id = $1 AND (cardinality($2::events[]) = 0 OR ledger_check_append_order($1, $8))
 """

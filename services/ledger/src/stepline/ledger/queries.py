@@ -20,6 +20,10 @@ from stepline.ledger.store import read_run
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 DEFAULT_GRACE_S = 30.0
+# What a RunEvent shows of an ``events`` row (not the relay's and replays' columns).
+EVENT_READ_COLUMNS = (
+    "run_id, sequence, event_id, type, actor_id, actor_roles, time, task_id, chunk_id, payload"
+)
 
 
 def page_size(value: int) -> int:
@@ -170,7 +174,7 @@ async def get_run_history(
             args.append(request.task_id)
             task_filter = " AND task_id = $4"
         rows = await conn.fetch(
-            "SELECT * FROM events WHERE run_id = $1 AND sequence > $2"
+            f"SELECT {EVENT_READ_COLUMNS} FROM events WHERE run_id = $1 AND sequence > $2"
             f"{task_filter} ORDER BY sequence LIMIT $3",
             *args,
         )
@@ -199,7 +203,9 @@ async def list_orphaned_runs(
         "     AND create_time + run_timeout_s * interval '1 second' < clock_timestamp() THEN 3"
         "   WHEN state IN (1, 2) AND claim_executor IS NOT NULL"
         "     AND claim_expire < clock_timestamp() THEN 1"
-        "   WHEN state IN (1, 2) AND claim_executor IS NULL AND claim_epoch > 0 THEN 1"
+        "   WHEN state IN (1, 2) AND claim_executor IS NULL AND claim_epoch > 0"
+        "     AND (claim_expire IS NULL"
+        "       OR claim_expire < clock_timestamp() - $1 * interval '1 second') THEN 1"
         "   WHEN state = 1 AND claim_epoch = 0"
         "     AND create_time < clock_timestamp() - $1 * interval '1 second' THEN 2"
         " END AS orphan_reason FROM runs WHERE state IN (1, 2, 3, 4)) o"

@@ -1,45 +1,62 @@
-"""The outbox relay: publishes committed events from ``outbox`` to ``STEPLINE_EVENTS``.
+"""The event relay: publishes the ledger's event log to ``STEPLINE_EVENTS``.
 
-Every write of the ledger appends its events and their outbox rows in its own
-transaction (see :mod:`stepline.ledger.events`). The relay reads the rows that
-are not yet published, in ``id`` order, publishes each body (a serialized
-``stepline.api.events.v1.Event``) to ``stepline.events.<kind>.<run_id>`` and
-then sets ``publish_time``.
+Every write of the ledger appends its events to ``events`` in its own
+transaction (see :mod:`stepline.ledger.events`), with ``xid``, the appending
+transaction. The relay reads the log itself after a cursor kept in
+``relay_position``, in ``(xid, run_id, sequence)`` order, publishes each event
+as a ``stepline.api.events.v1.Event`` (:func:`~stepline.ledger.events.published_event`)
+to ``stepline.events.<kind>.<run_id>``, then moves the cursor past it.
+
+No event is skipped
+    Transactions commit in any order, so the relay reads only the events of
+    transactions older than every transaction still in progress when it reads
+    (``xid < pg_snapshot_xmin(pg_current_snapshot())``): those have all ended,
+    and every transaction yet to commit has a larger xid, so its events sort
+    after the cursor. An event is thus published once every transaction that
+    began writing before its own has ended (milliseconds under load; a long
+    writing transaction elsewhere in the cluster holds publication back while it
+    runs, and the relay re-reads it every ``held_back_retry_s``, doubling up to
+    ``max_held_back_retry_s``, meanwhile).
 
 Exactly-once publication
-    Each message carries ``Nats-Msg-Id`` = the event id. A row is marked
-    published only after JetStream acked its publish, so a crash (or a NATS or
-    database error) between the ack and the mark leaves the row unpublished and
-    the next pass publishes it again; JetStream drops that second copy because
-    it holds a message with the same id within its duplicate window
-    (``Streams.duplicate_window_s``). No row is ever lost, and the stream holds
-    each event once as long as a row is re-published within the window after
+    Each message carries ``Nats-Msg-Id`` = the event id. The cursor moves only
+    past events whose publish was acked, so a crash (or a NATS or database
+    error) between the ack and the move leaves them after the cursor and the
+    next pass publishes them again; JetStream drops that second copy because it
+    holds a message with the same id within its duplicate window
+    (``Streams.duplicate_window_s``). No event is ever lost, and the stream
+    holds each event once as long as it is re-published within the window after
     its first publish. Beyond the window (a relay stopped for longer between
-    the ack and the mark) a duplicate can reach the stream, which is why
+    the ack and the move) a duplicate can reach the stream, which is why
     consumers still dedupe on ``event_id`` (delivery is at least once).
 
 Order
-    A run's rows are published one at a time, in ``id`` order, each ack
-    awaited before the next publish; different runs are published
-    concurrently. The events of one run are committed in ``id`` order (a run's
-    writes are applied one batch at a time, guarded by its ``last_sequence``),
-    so the stream holds each run's events in sequence order.
-    Should two relays ever overlap (a leader
-    that lost its database session while a publish was in flight), each still
-    publishes in ``id`` order and the duplicate window keeps only the first
-    copy, so per-run order still holds.
+    A run's events are appended in the order of their transactions' xids: a
+    ledger applies a run's writes one batch at a time, and a write that waited
+    for a run's lock while another replica appended to its log is refused and
+    retried (``ledger_check_append_order``; a transition's guard on the run's
+    ``last_sequence`` refuses it too). So the cursor's order is each run's
+    sequence order. A run's events are published one at a time in that order,
+    each ack awaited before the next; different runs are published concurrently.
+    Should two relays ever overlap (a leader that lost its database session
+    while a publish was in flight), each still publishes in order and the
+    duplicate window keeps only the first copy, so per-run order still holds.
 
 One active relay
     Every ledger replica runs a relay, but only the one that holds a PostgreSQL
     session advisory lock (taken with ``pg_try_advisory_lock`` on a connection
     the relay keeps for itself) publishes; the others retry every poll
     interval. The lock goes with the session: if the leader's process or its
-    connection dies, another replica takes over at its next try.
+    connection dies, another replica takes over at its next try, from the
+    cursor in ``relay_position``.
 
 Wake-up
-    The leader ``LISTEN``s on ``stepline_outbox`` (notified by a trigger when
-    outbox rows are committed) and also polls every ``poll_interval_s``, so a
-    missed notification only delays publication.
+    The ledger that commits a write wakes its own relay (:meth:`EventRelay.notify`,
+    the group committer's ``on_commit``). A relay that is not the leader passes
+    the wake-up on with ``NOTIFY stepline_events``, outside any write
+    transaction (a NOTIFY inside one would make concurrent commits wait for
+    each other). The leader ``LISTEN``s, and also polls every
+    ``poll_interval_s``, so a missed notification only delays publication.
 """
 
 from __future__ import annotations
@@ -56,36 +73,60 @@ from nats.js import JetStreamContext
 
 from stepline.api.events.v1 import events_pb2
 from stepline.common.jetstream import CONTENT_TYPE_HEADER, MSG_ID_HEADER, Streams
+from stepline.ledger.events import published_event, subject_kind
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "stepline_outbox"
+CHANNEL = "stepline_events"
 # Advisory lock key: per schema, since advisory locks are per database.
-_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtext('stepline:outbox-relay:' || current_schema()))"
-_SELECT_SQL = (
-    "SELECT id, event_id, run_id, subject, body FROM outbox"
-    " WHERE publish_time IS NULL ORDER BY id LIMIT $1"
+_LOCK_SQL = "SELECT pg_try_advisory_lock(hashtext('stepline:event-relay:' || current_schema()))"
+_CURSOR_SQL = "SELECT xid::text AS xid, run_id, sequence FROM relay_position"
+# The events after the cursor that are readable (see "No event is skipped"), and
+# the horizon they were read under (the first row has it, also when no event is).
+_SELECT_SQL = """
+SELECT h.horizon::text AS horizon, e.*
+FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h
+LEFT JOIN LATERAL (
+    SELECT xid::text AS xid, run_id, sequence, event_id, type, actor_id, actor_roles, time,
+           task_id, chunk_id, payload, envelope
+    FROM events
+    WHERE (xid, run_id, sequence) > ($1::text::xid8, $2::text, $3::bigint) AND xid < h.horizon
+    ORDER BY xid, run_id, sequence
+    LIMIT $4
+) e ON true
+"""
+# Events committed behind the horizon of the last read: an older transaction was
+# still running then.
+_HELD_BACK_SQL = "SELECT EXISTS (SELECT 1 FROM events WHERE xid >= $1::text::xid8)"
+_ADVANCE_SQL = (
+    "UPDATE relay_position SET xid = $1::text::xid8, run_id = $2, sequence = $3,"
+    " update_time = clock_timestamp()"
 )
-_MARK_SQL = "UPDATE outbox SET publish_time = clock_timestamp() WHERE id = ANY($1::bigint[])"
+_PENDING_SQL = (
+    "SELECT count(*) FROM events e, relay_position p"
+    " WHERE (e.xid, e.run_id, e.sequence) > (p.xid, p.run_id, p.sequence)"
+)
 _CONTENT_TYPE = f"application/protobuf; proto={events_pb2.Event.DESCRIPTOR.full_name}"
+
+Cursor = tuple[str, str, int]  # (xid, run_id, sequence) of the last event published
 
 
 async def pending_count(pool: asyncpg.Pool) -> int:
-    """How many outbox rows are waiting to be published."""
-    count = await pool.fetchval("SELECT count(*) FROM outbox WHERE publish_time IS NULL")
+    """How many committed events are waiting to be published."""
+    count = await pool.fetchval(_PENDING_SQL)
     return int(count)
 
 
-class OutboxRelay:
-    """Publishes the ledger's outbox to JetStream while it holds the relay lock.
+class EventRelay:
+    """Publishes the ledger's event log to JetStream while it holds the relay lock.
 
     The relay keeps one connection of ``pool`` (the one holding the lock) from
     its first pass until :meth:`close`; :meth:`run` closes it when it ends. Call
     :meth:`close` (or use ``async with``) when driving :meth:`publish_pending`
     directly, or the pool cannot close.
 
-    ``after_publish``, a test hook, is awaited with the row id after each ack and
-    before the row is marked; raising from it simulates a crash mid-batch.
+    ``after_publish``, a test hook, is awaited with the event id after each ack
+    and before the cursor moves; raising from it simulates a crash mid-batch.
     """
 
     def __init__(
@@ -96,8 +137,10 @@ class OutboxRelay:
         streams: Streams,
         batch_size: int = 256,
         poll_interval_s: float = 1.0,
+        held_back_retry_s: float = 0.005,
+        max_held_back_retry_s: float = 0.1,
         publish_timeout_s: float = 5.0,
-        after_publish: Callable[[int], Awaitable[None]] | None = None,
+        after_publish: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -106,19 +149,24 @@ class OutboxRelay:
         self._streams = streams
         self.batch_size = batch_size
         self.poll_interval_s = poll_interval_s
+        self.held_back_retry_s = held_back_retry_s
+        self.max_held_back_retry_s = max_held_back_retry_s
         self.publish_timeout_s = publish_timeout_s
         self._after_publish = after_publish
         self._conn: asyncpg.Connection | None = None
         self._leader = False
-        self._wake = asyncio.Event()
-        self.published = 0  # rows published (and marked) since start, for metrics
+        self._cursor: Cursor | None = None  # read from relay_position when leading
+        self._horizon: str | None = None  # of the last read
+        self._wake = asyncio.Event()  # a notification or a local commit
+        self._committed = asyncio.Event()  # a local commit
+        self.published = 0  # events published (and passed by the cursor) since start
 
     @property
     def is_leader(self) -> bool:
         """Whether this relay holds the lock (as of its last pass)."""
         return self._leader and self._conn is not None and not self._conn.is_closed()
 
-    async def __aenter__(self) -> OutboxRelay:
+    async def __aenter__(self) -> EventRelay:
         return self
 
     async def __aexit__(
@@ -129,9 +177,14 @@ class OutboxRelay:
     ) -> None:
         await self.close()
 
+    def notify(self) -> None:
+        """This ledger committed a write: publish it (leader) or pass it on (not)."""
+        self._committed.set()
+        self._wake.set()
+
     async def close(self) -> None:
         """Give the connection back to the pool, which releases the lock and LISTEN."""
-        conn, self._conn, self._leader = self._conn, None, False
+        conn, self._conn, self._leader, self._cursor = self._conn, None, False, None
         if conn is None:
             return
         try:
@@ -140,7 +193,7 @@ class OutboxRelay:
             # The pool's reset runs pg_advisory_unlock_all() (and UNLISTEN *).
             await self._pool.release(conn)
         except Exception:
-            log.warning("outbox relay: releasing its connection failed", exc_info=True)
+            log.warning("event relay: releasing its connection failed", exc_info=True)
             conn.terminate()
 
     async def try_lead(self) -> bool:
@@ -158,98 +211,141 @@ class OutboxRelay:
         if not self._leader:
             self._leader = bool(await self._conn.fetchval(_LOCK_SQL))
             if self._leader:
-                log.info("outbox relay: this replica is now the active relay")
+                self._cursor = None  # another relay may have moved it
+                log.info("event relay: this replica is now the active relay")
         return self._leader
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: object) -> None:
         self._wake.set()
 
     async def publish_pending(self) -> int:
-        """One pass: publish up to ``batch_size`` unpublished rows.
+        """One pass: publish up to ``batch_size`` events after the cursor.
 
-        Rows of one run are published one at a time in ``id`` order, each ack
-        awaited before the next; different runs are published concurrently.
-        Returns how many rows were published and marked (0 when another relay
-        holds the lock). Rows are marked only after their publish was acked; if
-        a publish fails, the rows acked are marked, the failed row and the later
-        rows of its run stay pending, and the error is raised.
+        A run's events are published one at a time in order, each ack awaited
+        before the next; different runs are published concurrently. Returns how
+        many events were published and passed by the cursor (0 when another
+        relay holds the lock). The cursor moves only past acked events; if a
+        publish fails, the cursor moves past the events acked before the first
+        failed one (in the cursor's order), the rest stay pending (a later pass
+        re-publishes those acked after it; JetStream drops the copies), and the
+        error is raised.
         """
         if not await self.try_lead():
             return 0
         conn = self._conn
         assert conn is not None
-        rows = await conn.fetch(_SELECT_SQL, self.batch_size)
-        by_run: dict[str, list[Any]] = {}
-        for row in rows:
-            by_run.setdefault(row["run_id"], []).append(row)
-        done: list[int] = []
+        if self._cursor is None:
+            row = await conn.fetchrow(_CURSOR_SQL)
+            self._cursor = (row["xid"], row["run_id"], row["sequence"])
+        rows = await conn.fetch(_SELECT_SQL, *self._cursor, self.batch_size)
+        self._horizon = rows[0]["horizon"]
+        if rows[0]["event_id"] is None:
+            return 0
+        by_run: dict[str, list[int]] = {}
+        for index, row in enumerate(rows):
+            by_run.setdefault(row["run_id"], []).append(index)
+        acked = [False] * len(rows)
         results = await asyncio.gather(
-            *(self._publish_run(conn, run_rows, done) for run_rows in by_run.values()),
+            *(self._publish_run(conn, rows, indexes, acked) for indexes in by_run.values()),
             return_exceptions=True,
         )
         failure = next((r for r in results if isinstance(r, BaseException)), None)
         if failure is not None and not isinstance(failure, Exception):
-            raise failure  # cancelled, or the process is going down: mark nothing
+            raise failure  # cancelled, or the process is going down: move nothing
+        done = next((i for i, ok in enumerate(acked) if not ok), len(acked))
         if failure is not None:
             # Keep what was acked, so a long outage does not outlive the duplicate
-            # window for those rows; the failed rows stay pending.
+            # window for those events; the failed ones stay pending.
             if done:
                 try:
-                    await self._mark(conn, done)
+                    await self._advance(conn, rows[done - 1], done)
                 except Exception:
-                    log.warning("outbox relay: marking %d acked rows failed", len(done))
+                    log.warning("event relay: moving the cursor past %d events failed", done)
             raise failure
         if done:
-            await self._mark(conn, done)
-        return len(done)
+            await self._advance(conn, rows[done - 1], done)
+        return done
+
+    async def held_back(self) -> bool:
+        """Whether events committed that the last pass could not read yet: a
+        transaction older than theirs was still running."""
+        if self._conn is None or self._conn.is_closed() or self._horizon is None:
+            return False
+        return bool(await self._conn.fetchval(_HELD_BACK_SQL, self._horizon))
 
     async def _publish_run(
-        self, conn: asyncpg.Connection, rows: list[Any], done: list[int]
+        self, conn: asyncpg.Connection, rows: list[Any], indexes: list[int], acked: list[bool]
     ) -> None:
-        for row in rows:
+        for index in indexes:
+            row = rows[index]
             if conn.is_closed():
-                raise ConnectionError("outbox relay lost its database session")
-            subject = self._streams.subject("events", *row["subject"].split("."))
+                raise ConnectionError("event relay lost its database session")
+            event_id = str(row["event_id"])
+            subject = self._streams.subject("events", subject_kind(row["type"]), row["run_id"])
             ack = await self._js.publish(
                 subject,
-                bytes(row["body"]),
+                published_event(row).SerializeToString(),
                 timeout=self.publish_timeout_s,
                 stream=self._streams.events,
-                headers={
-                    MSG_ID_HEADER: str(row["event_id"]),
-                    CONTENT_TYPE_HEADER: _CONTENT_TYPE,
-                },
+                headers={MSG_ID_HEADER: event_id, CONTENT_TYPE_HEADER: _CONTENT_TYPE},
             )
             if ack.duplicate:
-                log.debug("outbox row %d was already in the stream", row["id"])
+                log.debug("event %s was already in the stream", event_id)
             if self._after_publish is not None:
-                await self._after_publish(row["id"])
-            done.append(row["id"])
+                await self._after_publish(event_id)
+            acked[index] = True
 
-    async def _mark(self, conn: asyncpg.Connection, ids: list[int]) -> None:
-        await conn.execute(_MARK_SQL, ids)
-        self.published += len(ids)
+    async def _advance(self, conn: asyncpg.Connection, last: Any, count: int) -> None:
+        cursor: Cursor = (last["xid"], last["run_id"], last["sequence"])
+        await conn.execute(_ADVANCE_SQL, *cursor)
+        self._cursor = cursor
+        self.published += count
 
     async def run(self) -> None:
-        """Relay until cancelled: drain the outbox, then wait for NOTIFY or the poll."""
+        """Relay until cancelled: publish what is pending, then wait for a wake-up."""
+        retry_s = self.held_back_retry_s
         try:
             while True:
                 try:
                     if not await self.try_lead():
-                        await asyncio.sleep(self.poll_interval_s)
+                        await self._follow()
                         continue
                     while True:
-                        # Cleared before reading, so a NOTIFY during the pass
+                        # Cleared before reading, so a wake-up during the pass
                         # makes the wait below return at once.
                         self._wake.clear()
+                        self._committed.clear()
                         if await self.publish_pending() < self.batch_size:
                             break
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
+                    if await self.held_back():
+                        await self._wait(self._wake, retry_s)
+                        retry_s = min(retry_s * 2, self.max_held_back_retry_s)
+                    else:
+                        retry_s = self.held_back_retry_s
+                        await self._wait(self._wake, self.poll_interval_s)
                 except Exception as exc:
-                    log.warning("outbox relay: %s; retrying in %ss", exc, self.poll_interval_s)
+                    log.warning("event relay: %s; retrying in %ss", exc, self.poll_interval_s)
                     if self._conn is not None and self._conn.is_closed():
                         await self.close()
                     await asyncio.sleep(self.poll_interval_s)
         finally:
             await self.close()
+
+    async def _follow(self) -> None:
+        """Not the leader: pass this ledger's commits on to the leader until the
+        next try for the lock."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.poll_interval_s
+        while (left := deadline - loop.time()) > 0:
+            if not await self._wait(self._committed, left):
+                break
+            self._committed.clear()
+            if self._conn is not None and not self._conn.is_closed():
+                await self._conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+
+    @staticmethod
+    async def _wait(event: asyncio.Event, timeout_s: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout_s)
+            return True
+        return False

@@ -1,8 +1,8 @@
 """The ledger's gRPC server: the only writer of run state.
 
 Writes go through the :class:`GroupCommitter` (concurrent writes share
-commits); reads use the pool. The outbox relay runs beside the server and
-publishes committed events to ``STEPLINE_EVENTS``. Only Stepline services and
+commits); reads use the pool. The event relay runs beside the server and
+publishes committed events to ``STEPLINE_EVENTS``; every commit wakes it. Only Stepline services and
 administrators may call the ledger.
 """
 
@@ -25,7 +25,7 @@ from stepline.common.server import GrpcHost, serving, wait_until_stopped
 from stepline.ledger import artifacts, queries
 from stepline.ledger.committer import GroupCommitter
 from stepline.ledger.config import LedgerSettings, with_room_for_artifacts
-from stepline.ledger.relay import OutboxRelay
+from stepline.ledger.relay import EventRelay
 from stepline.ledger.stats import get_stats
 from stepline.ledger.store import LedgerStore
 
@@ -169,11 +169,8 @@ async def running(settings: LedgerSettings) -> AsyncIterator[GrpcHost]:
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
         await jetstream.ensure_streams(js, settings.nats.streams)
-        committer = GroupCommitter(pool, shards=settings.commit_shards)
-        await committer.start()
-        stack.push_async_callback(committer.close)
-        relay = OutboxRelay(pool=pool, js=js, streams=settings.nats.streams)
-        relay_task = asyncio.create_task(relay.run(), name="ledger-outbox-relay")
+        relay = EventRelay(pool=pool, js=js, streams=settings.nats.streams)
+        relay_task = asyncio.create_task(relay.run(), name="ledger-event-relay")
 
         async def stop_relay() -> None:
             relay_task.cancel()
@@ -181,6 +178,9 @@ async def running(settings: LedgerSettings) -> AsyncIterator[GrpcHost]:
                 await relay_task
 
         stack.push_async_callback(stop_relay)
+        committer = GroupCommitter(pool, shards=settings.commit_shards, on_commit=relay.notify)
+        await committer.start()
+        stack.push_async_callback(committer.close)
         store = LedgerStore(
             pool,
             committer,

@@ -90,12 +90,18 @@ ATTEMPT_END = frozenset(
 )
 
 
+# Names by value, looked up on the hot path (the enum wrappers' Name() is slow).
+_RUN_NAMES = {value: name.removeprefix("WORKFLOW_RUN_STATE_") for name, value in R.items()}
+_TASK_NAMES = {value: name.removeprefix("TASK_RUN_STATE_") for name, value in T.items()}
+TASK_STATES = frozenset(_TASK_NAMES)  # every TaskRunState value, UNSPECIFIED included
+
+
 def run_state_name(state: int) -> str:
-    return R.Name(state).removeprefix("WORKFLOW_RUN_STATE_") if state in R.values() else str(state)  # type: ignore[arg-type]
+    return _RUN_NAMES.get(state) or str(state)  # type: ignore[call-overload]
 
 
 def task_state_name(state: int) -> str:
-    return T.Name(state).removeprefix("TASK_RUN_STATE_") if state in T.values() else str(state)  # type: ignore[arg-type]
+    return _TASK_NAMES.get(state) or str(state)  # type: ignore[call-overload]
 
 
 def run_transition_allowed(current: int, target: int) -> bool:

@@ -338,8 +338,10 @@ class LedgerStore:
                     f"stale epoch {request.epoch}: claimed under epoch {target['claim_epoch']}"
                 )
             await conn.execute(
-                f"UPDATE {claimable.table} SET claim_executor = NULL, claim_expire = NULL"
-                f" WHERE {claimable.column} = $1",
+                # claim_expire keeps the release time: the reconciler gives a
+                # released run a grace period before it dispatches it again
+                f"UPDATE {claimable.table} SET claim_executor = NULL,"
+                f" claim_expire = clock_timestamp() WHERE {claimable.column} = $1",
                 claimable.key,
             )
             log = EventLog(request.run_id, run["last_sequence"])
@@ -572,7 +574,11 @@ class LedgerStore:
             )
             applied = False
             pending = request.action
-            if request.action == C.CONTROL_ACTION_CANCEL and not live:
+            # A SUSPENDED or PAUSED run waits for a person, not for its holder:
+            # a cancel applies at once even if an executor still holds the claim
+            # (the holder learns of it when its next renewal finds the run ended).
+            waiting = state in (R.WORKFLOW_RUN_STATE_SUSPENDED, R.WORKFLOW_RUN_STATE_PAUSED)
+            if request.action == C.CONTROL_ACTION_CANCEL and (not live or waiting):
                 failure = common_pb2.Failure(
                     reason=common_pb2.FAILURE_REASON_CANCELLED,
                     message=request.reason or f"cancelled by {request.actor.id}",
@@ -671,7 +677,7 @@ class LedgerStore:
             await conn.execute(
                 "UPDATE runs SET state = $2, failure = NULL, outputs = NULL, end_time = NULL,"
                 " rerun_count = rerun_count + 1, dispatch_epoch = dispatch_epoch + 1,"
-                " pending_control = 0, claim_executor = NULL, claim_expire = NULL"
+                " pending_control = 0, claim_executor = NULL, claim_expire = clock_timestamp()"
                 " WHERE run_id = $1",
                 request.run_id,
                 R.WORKFLOW_RUN_STATE_PENDING,

@@ -4,14 +4,14 @@ Executors moving tasks and chunks through their state machines are the
 ledger's hot path. Rather than several statements per transition, the group
 committer hands each batch of such transitions to a :class:`StepUnit`:
 
-1. one statement locks and reads every row the batch touches (runs, tasks,
-   chunks, their attempts, stored responses of replayed request ids, chunk
+1. one statement reads every row the batch touches (the runs' claims, tasks,
+   chunks, their attempts, the idempotency records of their request ids, chunk
    counts, the descriptions of their artifacts for the responses);
 2. each transition is validated and applied to those rows in memory, in
    order, so later transitions of the batch see earlier ones; a transition
    that fails validation raises before it changes anything;
-3. one statement writes every changed row, the new attempts, the events, their
-   outbox rows and the idempotency records.
+3. one statement writes every changed row, the new attempts, the events and
+   the idempotency records.
 
 The rows are read without locks: within one ledger process the committer
 already applies a run's writes one batch at a time. Against another writer (a
@@ -22,11 +22,21 @@ A batch of N transitions costs two round trips, the write being its own
 transaction, instead of several per transition. Times are the database clock read at load
 plus the elapsed monotonic time, so they stay on the same clock as the rest of
 the ledger's timestamps.
+
+Idempotency: the first event a transition appends has an id derived from the
+run, the method and the request id (:func:`request_event_id`), and carries the
+request's fingerprint and the response, so a replay finds them through the
+events' unique index on ``event_id`` and a transition writes no row of its own
+for them; a transition that appends no event (e.g. ``RUNNING`` to ``RUNNING``
+recording an output) keeps its record in ``requests``, as every other write
+does. The request ids of these two methods are therefore scoped to their run.
 """
 
 from __future__ import annotations
 
+import operator
 import time
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,11 +54,21 @@ from stepline.ledger import convert, states
 from stepline.ledger.artifacts import DESCRIPTION_COLUMNS
 from stepline.ledger.checks import check_claim, earlier_response
 from stepline.ledger.committer import UnitOperation
-from stepline.ledger.events import EventLog, event_rows, fingerprint
+from stepline.ledger.events import EventLog, fingerprint, name_based_id
 
 T = common_pb2.TaskRunState
 E = run_pb2.RunEventType
 Row = dict[str, Any]
+
+# Enum values used on the hot path, as plain constants: attribute access through
+# the protobuf enum wrappers is slow.
+PENDING = T.TASK_RUN_STATE_PENDING
+RUNNING = T.TASK_RUN_STATE_RUNNING
+SUCCEEDED = T.TASK_RUN_STATE_SUCCEEDED
+ATTEMPT_RECORDED = E.RUN_EVENT_TYPE_ATTEMPT_RECORDED
+TASK_STATE_CHANGED = E.RUN_EVENT_TYPE_TASK_STATE_CHANGED
+CHUNK_STATE_CHANGED = E.RUN_EVENT_TYPE_CHUNK_STATE_CHANGED
+CHUNKED_STEP = workflow_pb2.STEP_KIND_CHUNKED
 
 # Column order of the tables written as composite rows (checked by a test).
 ATTEMPT_COLUMNS = (
@@ -67,6 +87,17 @@ ATTEMPT_COLUMNS = (
     "device_serial",
     "device_lease_id",
 )
+_attempt_row = operator.itemgetter(*ATTEMPT_COLUMNS)  # an attempt as a composite row
+
+
+# Namespace of the ids of the events that carry an idempotency record.
+_REQUEST_EVENTS = uuid.UUID("6f1f4f0e-8f55-4d2b-9a53-3c1b8f0b5d21")
+
+
+def request_event_id(run_id: str, method: str, request_id: str) -> str:
+    """The id of the first event appended by request ``request_id`` of ``method``
+    to run ``run_id``: replays of the request find its record under it."""
+    return name_based_id(_REQUEST_EVENTS, f"{run_id}\n{method}\n{request_id}")
 
 
 class StepUnit:
@@ -77,10 +108,15 @@ class StepUnit:
         self._mono = time.monotonic()
         self.runs: dict[str, Row] = {r["run_id"]: dict(r) for r in record["runs"] or ()}
         self.tasks: dict[str, Row] = {t["task_id"]: dict(t) for t in record["tasks"] or ()}
-        self.chunks: dict[str, Row] = {c["chunk_id"]: dict(c) for c in record["chunks"] or ()}
+        self.chunks: dict[str, Row] = {c["chunk_id"]: dict(c) for c in record.get("chunks") or ()}
         self.attempts: dict[str, list[Row]] = {}
         for a in record["attempts"] or ():
             self.attempts.setdefault(a["owner_id"], []).append(dict(a))
+        # Idempotency records: on the first event of the transitions that appended
+        # events (by that event's id), in ``requests`` for the others.
+        self.recorded: dict[str, tuple[str, bytes]] = {
+            str(e[0]): (e[1], e[2]) for e in record["recorded"] or ()
+        }
         self.replays: dict[tuple[str, str], tuple[str, bytes]] = {
             (q["method"], q["request_id"]): (q["fingerprint"], q["response"])
             for q in record["replays"] or ()
@@ -91,9 +127,7 @@ class StepUnit:
             self.artifacts.setdefault(f["owner_id"], []).append(f)
         self.counts: dict[str, Counter[int]] = {}
         self.complete: dict[str, bool] = {}
-        for c in record["counts"] or ():
-            self.counts.setdefault(c["task_id"], Counter())[c["state"]] += c["n"]
-            self.complete[c["task_id"]] = c["complete"]
+        self.add_counts(record.get("counts"))
         self._read_sequence = {run_id: r["last_sequence"] for run_id, r in self.runs.items()}
         self._dirty_runs: set[str] = set()
         self._dirty_tasks: set[str] = set()
@@ -104,38 +138,57 @@ class StepUnit:
 
     # --- loading and writing -------------------------------------------------------
 
+    def add_counts(self, rows: list[Row] | None) -> None:
+        """Chunk counts by task and state (rows of task_id, state, n, complete)."""
+        for c in rows or ():
+            self.counts.setdefault(c["task_id"], Counter())[c["state"]] += c["n"]
+            self.complete[c["task_id"]] = c["complete"]
+
     @classmethod
     async def load(cls, conn: asyncpg.Connection, ops: Sequence[UnitOperation[Any]]) -> StepUnit:
+        """Read what ``ops`` need: one statement (two if the batch has no chunk
+        transitions but transitions a chunked step, for its chunk counts)."""
         run_ids: set[str] = set()
         task_ids: set[str] = set()
         chunk_ids: set[str] = set()
         methods: list[str] = []
         request_ids: list[str] = []
+        event_ids: list[str] = []
         for op in ops:
             assert isinstance(op, _StepTransition)
             run_ids.add(op.run_id)
             (chunk_ids if op.table == "chunks" else task_ids).add(op.owner_id)
-            methods.append(op.request.DESCRIPTOR.name)
+            methods.append(op.method)
             request_ids.append(op.request.request_id)
-        record = await conn.fetchrow(
-            _LOAD_SQL,
-            sorted(run_ids),
-            sorted(task_ids),
-            sorted(chunk_ids),
-            methods,
-            request_ids,
+            event_ids.append(op.event_id)
+        if chunk_ids:
+            return cls(
+                await conn.fetchrow(
+                    _LOAD_SQL,
+                    sorted(run_ids),
+                    sorted(task_ids),
+                    sorted(chunk_ids),
+                    methods,
+                    request_ids,
+                    event_ids,
+                )
+            )
+        unit = cls(
+            await conn.fetchrow(
+                _LOAD_TASKS_SQL, sorted(run_ids), sorted(task_ids), methods, request_ids, event_ids
+            )
         )
-        return cls(record)
+        chunked = [t for t, row in unit.tasks.items() if row["kind"] == CHUNKED_STEP]
+        if chunked:
+            unit.add_counts(await conn.fetchval(_COUNTS_SQL, chunked))
+        return unit
 
     async def flush(self, conn: asyncpg.Connection) -> None:
         if not self._dirty_runs:
             return
         events: list[tuple[Any, ...]] = []
-        outbox: list[tuple[Any, ...]] = []
         for log in self._logs:
-            log_events, log_outbox = event_rows(log)
-            events.extend(log_events)
-            outbox.extend(log_outbox)
+            events.extend(log.event_rows())
         runs = [self.runs[run_id] for run_id in sorted(self._dirty_runs)]
         await conn.execute(
             _FLUSH_SQL,
@@ -145,17 +198,12 @@ class StepUnit:
             [tuple(self.tasks[k].values()) for k in sorted(self._dirty_tasks)],
             [tuple(self.chunks[k].values()) for k in sorted(self._dirty_chunks)],
             [
-                tuple(a[column] for column in ATTEMPT_COLUMNS)
+                _attempt_row(a)
                 for owner, number in sorted(self._dirty_attempts)
                 for a in self.attempts[owner]
                 if a["attempt_number"] == number
             ],
             events,
-            [o[0] for o in outbox],
-            [o[1] for o in outbox],
-            [o[2] for o in outbox],
-            [o[3] for o in outbox],
-            [o[4] for o in outbox],
             [q[0] for q in self._requests],
             [q[1] for q in self._requests],
             [q[2] for q in self._requests],
@@ -174,32 +222,38 @@ class StepUnit:
             raise NotFound(f"run {run_id!r} does not exist")
         return run
 
-    def replayed(self, request: Message, response_type: type[Message]) -> Any:
+    def replayed(self, op: _StepTransition) -> Any:
         """The stored response of an earlier identical request; ABORTED if it differed."""
-        key = (request.DESCRIPTOR.name, request.request_id)  # type: ignore[attr-defined]
-        stored = self.replays.get(key)
+        request = op.request
+        stored = self.recorded.get(op.event_id) or self.replays.get((op.method, request.request_id))
         if stored is None:
             return None
-        return earlier_response(request, stored[0], stored[1], response_type)
+        return earlier_response(request, stored[0], stored[1], op.response_type)
 
     def chunk_counts(self, task_id: str) -> run_pb2.ChunkCounts:
         rows = [{"state": s, "n": n} for s, n in self.counts.get(task_id, Counter()).items()]
         return convert.chunk_counts(rows, complete=self.complete.get(task_id, False))
 
-    def commit(self, log: EventLog, request: Message, response: Message) -> None:
-        """Record an applied transition: its events, the run's sequence, its response."""
+    def commit(
+        self, log: EventLog, op: _StepTransition, response: Message, *, now: datetime
+    ) -> None:
+        """Record an applied transition: its events, the run's sequence, its response
+        (on its first event if it appended any, else in ``requests``)."""
         run = self.runs[log.run_id]
         if log.last_sequence > run["last_sequence"]:
             run["last_sequence"] = log.last_sequence
-            run["update_time"] = self.now()
+            run["update_time"] = now
         self._dirty_runs.add(log.run_id)  # written back under the guard, changed or not
         self._logs.append(log)
         body = response.SerializeToString()
-        method = request.DESCRIPTOR.name
-        request_id: str = request.request_id  # type: ignore[attr-defined]
-        fp = fingerprint(request)
-        self.replays[(method, request_id)] = (fp, body)
-        self._requests.append((method, request_id, fp, body))
+        fp = fingerprint(op.request)
+        if log.rows:
+            log.record_request(fp, body)
+            self.recorded[op.event_id] = (fp, body)
+        else:
+            request_id: str = op.request.request_id
+            self.replays[(op.method, request_id)] = (fp, body)
+            self._requests.append((op.method, request_id, fp, body))
 
     # --- the step state machine ----------------------------------------------------
 
@@ -217,9 +271,10 @@ class StepUnit:
         executor_id: str,
         epoch: int,
         extra: dict[str, Any],
+        now: datetime,
     ) -> int:
-        """Validate, then apply, a task or chunk transition and the attempt it starts or
-        ends; returns the event sequence. Raises before changing anything."""
+        """Validate, then apply (at ``now``), a task or chunk transition and the attempt
+        it starts or ends; returns the event sequence. Raises before changing anything."""
         owner_id = chunk_id or owner["task_id"]
         attempts = self.attempts.setdefault(owner_id, [])
         plan = plan_step_change(
@@ -232,20 +287,17 @@ class StepUnit:
         )
         # Validated: from here on nothing raises.
         current = owner["state"]
-        now = self.now()
         task_id = owner["task_id"]
         if plan.end_state:
             last = attempts[-1]
             last.update(
                 state=plan.end_state,
                 end_time=now,
-                failure=plan.attempt_failure
-                if plan.end_state != T.TASK_RUN_STATE_SUCCEEDED
-                else None,
+                failure=plan.attempt_failure if plan.end_state != SUCCEEDED else None,
             )
             self._dirty_attempts.add((owner_id, last["attempt_number"]))
             log.add(
-                E.RUN_EVENT_TYPE_ATTEMPT_RECORDED,
+                ATTEMPT_RECORDED,
                 actor,
                 task_id=task_id,
                 chunk_id=chunk_id or "",
@@ -263,7 +315,7 @@ class StepUnit:
                     "task_id": task_id,
                     "chunk_id": chunk_id,
                     "attempt_number": plan.start_number,
-                    "state": T.TASK_RUN_STATE_RUNNING,
+                    "state": RUNNING,
                     "start_time": now,
                     "end_time": None,
                     "failure": None,
@@ -276,7 +328,7 @@ class StepUnit:
             )
             self._dirty_attempts.add((owner_id, plan.start_number))
             log.add(
-                E.RUN_EVENT_TYPE_ATTEMPT_RECORDED,
+                ATTEMPT_RECORDED,
                 actor,
                 task_id=task_id,
                 chunk_id=chunk_id or "",
@@ -288,7 +340,7 @@ class StepUnit:
             )
         failure_json = failure_dict(failure)
         owner["state"] = state
-        if state == T.TASK_RUN_STATE_RUNNING and owner["start_time"] is None:
+        if state == RUNNING and owner["start_time"] is None:
             owner["start_time"] = now
         if state in states.TASK_TERMINAL:
             owner["end_time"] = now
@@ -337,9 +389,7 @@ class StepUnit:
                 ),
             )
         return log.add(
-            E.RUN_EVENT_TYPE_CHUNK_STATE_CHANGED
-            if chunk_id
-            else E.RUN_EVENT_TYPE_TASK_STATE_CHANGED,
+            CHUNK_STATE_CHANGED if chunk_id else TASK_STATE_CHANGED,
             actor,
             task_id=task_id,
             chunk_id=chunk_id or "",
@@ -392,7 +442,7 @@ def plan_step_change(
     end_state = 0
     reason = ""
     if attempt is not None and attempt.attempt_number:
-        if attempt.state == T.TASK_RUN_STATE_RUNNING:
+        if attempt.state == RUNNING:
             if open_attempt:
                 raise FailedPrecondition(f"attempt {last_number} of {what} is still open")
             if attempt.attempt_number != last_number + 1:
@@ -408,15 +458,11 @@ def plan_step_change(
             end_state = attempt.state
         else:
             raise InvalidArgument("attempt.state must be RUNNING or a terminal state")
-    elif current == T.TASK_RUN_STATE_PENDING and state == T.TASK_RUN_STATE_RUNNING:
+    elif current == PENDING and state == RUNNING:
         start_number, reason = last_number + 1, "initial"
     elif state in states.ATTEMPT_END and open_attempt:
         end_state = state
-    if (
-        state == T.TASK_RUN_STATE_RUNNING
-        and current == T.TASK_RUN_STATE_PENDING
-        and not start_number
-    ):
+    if state == RUNNING and current == PENDING and not start_number:
         raise FailedPrecondition(f"{what} starts RUNNING with a new attempt")
     attempt_failure = failure_dict(
         attempt.failure if attempt is not None and attempt.HasField("failure") else failure
@@ -438,20 +484,23 @@ class _StepTransition(UnitOperation[Any]):
         self.request = request
         self.run_id: str = request.run_id
         self.owner_id: str = request.chunk_id if self.table == "chunks" else request.task_id
+        self.method: str = request.DESCRIPTOR.name
+        self.event_id = request_event_id(self.run_id, self.method, request.request_id)
 
     def apply(self, unit: Any) -> Any:
         assert isinstance(unit, StepUnit)
         request = self.request
         run = unit.run(request.run_id)
-        earlier = unit.replayed(request, self.response_type)
+        earlier = unit.replayed(self)
         if earlier is not None:
             return earlier
-        owner, executor = self.locate(unit, run)
+        now = unit.now()
+        owner, executor = self.locate(unit, run, now)
         if run["state"] in states.RUN_TERMINAL:
             raise FailedPrecondition(
                 f"run {request.run_id} is {states.run_state_name(run['state'])}"
             )
-        log = EventLog(request.run_id, run["last_sequence"])
+        log = EventLog(request.run_id, run["last_sequence"], self.event_id)
         sequence = unit.apply_step_change(
             log,
             owner=owner,
@@ -464,12 +513,13 @@ class _StepTransition(UnitOperation[Any]):
             executor_id=executor,
             epoch=request.epoch,
             extra=self.extra(),
+            now=now,
         )
         response = self.response(unit, owner, sequence)
-        unit.commit(log, request, response)
+        unit.commit(log, self, response, now=now)
         return response
 
-    def locate(self, unit: StepUnit, run: Row) -> tuple[Row, str]:
+    def locate(self, unit: StepUnit, run: Row, now: datetime) -> tuple[Row, str]:
         """The task or chunk (NOT_FOUND if not the run's) after the fencing check;
         returns it and the executor its claim names."""
         raise NotImplementedError
@@ -487,9 +537,9 @@ class TaskTransition(_StepTransition):
     table = "tasks"
     response_type = pb.TransitionTaskResponse
 
-    def locate(self, unit: StepUnit, run: Row) -> tuple[Row, str]:
+    def locate(self, unit: StepUnit, run: Row, now: datetime) -> tuple[Row, str]:
         request: pb.TransitionTaskRequest = self.request
-        check_claim({**run, "now": unit.now()}, request.epoch, what=f"run {request.run_id}")
+        check_claim(run, request.epoch, what=f"run {request.run_id}", now=now)
         task = unit.tasks.get(request.task_id)
         if task is None or task["run_id"] != request.run_id:
             raise NotFound(f"task {request.task_id!r} is not part of run {request.run_id}")
@@ -503,7 +553,7 @@ class TaskTransition(_StepTransition):
 
     def response(self, unit: StepUnit, owner: Row, sequence: int) -> Message:
         counts = None
-        if owner["kind"] == workflow_pb2.STEP_KIND_CHUNKED:
+        if owner["kind"] == CHUNKED_STEP:
             counts = unit.chunk_counts(owner["task_id"])
         return pb.TransitionTaskResponse(
             task=convert.task(
@@ -523,7 +573,7 @@ class ChunkTransition(_StepTransition):
     table = "chunks"
     response_type = pb.TransitionChunkResponse
 
-    def locate(self, unit: StepUnit, run: Row) -> tuple[Row, str]:
+    def locate(self, unit: StepUnit, run: Row, now: datetime) -> tuple[Row, str]:
         request: pb.TransitionChunkRequest = self.request
         chunk = unit.chunks.get(request.chunk_id)
         if chunk is None or chunk["run_id"] != request.run_id:
@@ -533,7 +583,7 @@ class ChunkTransition(_StepTransition):
             if request.use_run_claim
             else (chunk, f"chunk {request.chunk_id}")
         )
-        check_claim({**holder, "now": unit.now()}, request.epoch, what=what)
+        check_claim(holder, request.epoch, what=what, now=now)
         return chunk, holder["claim_executor"] or ""
 
     def response(self, unit: StepUnit, owner: Row, sequence: int) -> Message:
@@ -548,32 +598,70 @@ class ChunkTransition(_StepTransition):
         )
 
 
-_LOAD_SQL = f"""
-SELECT clock_timestamp() AS now,
-    (SELECT array_agg(r) FROM runs r WHERE r.run_id = ANY($1::text[])) AS runs,
-    (SELECT array_agg(t) FROM tasks t WHERE t.task_id = ANY($2::text[])) AS tasks,
-    (SELECT array_agg(c) FROM chunks c WHERE c.chunk_id = ANY($3::text[])) AS chunks,
-    (SELECT array_agg(a ORDER BY a.owner_id, a.attempt_number) FROM attempts a
-        WHERE a.owner_id = ANY($2::text[] || $3::text[])) AS attempts,
-    (SELECT json_agg(f ORDER BY f.create_time, f.artifact_id) FROM (
+# The rows a batch reads, by parts: $1 run ids, $2 task ids, $3 chunk ids, $4 and
+# $5 methods and request ids (records in ``requests``), $6 the ids of the events
+# that would carry the records.
+_NOW = "clock_timestamp() AS now"
+_RUNS = "(SELECT array_agg(r) FROM run_claims r WHERE r.run_id = ANY($1::text[])) AS runs"
+_TASKS = "(SELECT array_agg(t) FROM tasks t WHERE t.task_id = ANY($2::text[])) AS tasks"
+_CHUNKS = "(SELECT array_agg(c) FROM chunks c WHERE c.chunk_id = ANY($3::text[])) AS chunks"
+_ATTEMPTS = """(SELECT array_agg(a ORDER BY a.owner_id, a.attempt_number) FROM attempts a
+        WHERE a.owner_id = ANY({owners})) AS attempts"""
+_ARTIFACTS = f"""(SELECT json_agg(f ORDER BY f.create_time, f.artifact_id) FROM (
         SELECT {DESCRIPTION_COLUMNS} FROM artifacts
-        WHERE owner_id = ANY($2::text[] || $3::text[])) f) AS artifacts,
-    (SELECT array_agg(q) FROM requests q
-        JOIN unnest($4::text[], $5::text[]) AS k(method, request_id)
-        ON q.method = k.method AND q.request_id = k.request_id) AS replays,
-    (SELECT json_agg(x) FROM (
+        WHERE owner_id = ANY({{owners}})) f) AS artifacts"""
+_REPLAYS = """(SELECT array_agg(q) FROM requests q
+        JOIN unnest(${methods}::text[], ${request_ids}::text[]) AS k(method, request_id)
+        ON q.method = k.method AND q.request_id = k.request_id) AS replays"""
+_RECORDED = """(SELECT array_agg(ROW(e.event_id, e.request_fingerprint, e.response)) FROM events e
+        WHERE e.event_id = ANY(${event_ids}::uuid[]) AND e.response IS NOT NULL) AS recorded"""
+_COUNTS = """(SELECT json_agg(x) FROM (
         SELECT ch.task_id, ch.state, count(*) AS n, tk.chunks_complete AS complete
         FROM chunks ch JOIN tasks tk ON tk.task_id = ch.task_id
         WHERE ch.task_id IN (
             SELECT task_id FROM chunks WHERE chunk_id = ANY($3::text[])
             UNION SELECT task_id FROM tasks WHERE task_id = ANY($2::text[]) AND kind = 3)
-        GROUP BY ch.task_id, ch.state, tk.chunks_complete) x) AS counts
+        GROUP BY ch.task_id, ch.state, tk.chunks_complete) x) AS counts"""
+_OWNERS = "$2::text[] || $3::text[]"
+_LOAD_SQL = "SELECT " + ",\n    ".join(
+    (
+        _NOW,
+        _RUNS,
+        _TASKS,
+        _CHUNKS,
+        _ATTEMPTS.format(owners=_OWNERS),
+        _ARTIFACTS.format(owners=_OWNERS),
+        _REPLAYS.format(methods=4, request_ids=5),
+        _RECORDED.format(event_ids=6),
+        _COUNTS,
+    )
+)
+# A batch of task transitions only (the usual case): no chunk, fewer parts to run.
+# Its parameters are $1 run ids, $2 task ids, $3 methods, $4 request ids, $5 event ids.
+_LOAD_TASKS_SQL = "SELECT " + ",\n    ".join(
+    (
+        _NOW,
+        _RUNS,
+        _TASKS,
+        _ATTEMPTS.format(owners="$2::text[]"),
+        _ARTIFACTS.format(owners="$2::text[]"),
+        _REPLAYS.format(methods=3, request_ids=4),
+        _RECORDED.format(event_ids=5),
+    )
+)
+# Chunk counts of chunked steps ($1 task ids) that a batch of task transitions moves.
+_COUNTS_SQL = """
+SELECT json_agg(x) FROM (
+    SELECT ch.task_id, ch.state, count(*) AS n, tk.chunks_complete AS complete
+    FROM chunks ch JOIN tasks tk ON tk.task_id = ch.task_id
+    WHERE ch.task_id = ANY($1::text[])
+    GROUP BY ch.task_id, ch.state, tk.chunks_complete) x
 """
 
 _FLUSH_SQL = """
 WITH up_runs AS (
     UPDATE runs r SET last_sequence = x.last_sequence, update_time = x.update_time
-    FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $17::bigint[])
+    FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $12::bigint[])
         AS x(run_id, last_sequence, update_time, read_sequence)
     WHERE r.run_id = x.run_id AND r.last_sequence = x.read_sequence
     RETURNING 1
@@ -592,14 +680,13 @@ WITH up_runs AS (
         end_time = excluded.end_time, failure = excluded.failure
 ), new_events AS (
     INSERT INTO events (run_id, sequence, event_id, type, actor_id, actor_roles, time,
-                        task_id, chunk_id, payload)
-    SELECT * FROM unnest($7::events[])
-), new_outbox AS (
-    INSERT INTO outbox (event_id, run_id, subject, body, create_time)
-    SELECT * FROM unnest($8::uuid[], $9::text[], $10::text[], $11::bytea[], $12::timestamptz[])
+                        task_id, chunk_id, payload, envelope, request_fingerprint, response)
+    SELECT run_id, sequence, event_id, type, actor_id, actor_roles, time,
+           task_id, chunk_id, payload, envelope, request_fingerprint, response
+    FROM unnest($7::events[])
 ), new_requests AS (
     INSERT INTO requests (method, request_id, fingerprint, response)
-    SELECT * FROM unnest($13::text[], $14::text[], $15::text[], $16::bytea[])
+    SELECT * FROM unnest($8::text[], $9::text[], $10::text[], $11::bytea[])
 )
 SELECT ledger_expect_rows((SELECT count(*) FROM up_runs), cardinality($1::text[]), 'runs')
 """

@@ -1078,8 +1078,9 @@ class ListOrphanedRunsRequest(_message.Message):
     """Page token (see common.proto)."""
     @_builtins.property
     def grace_period(self) -> _duration_pb2.Duration:
-        """PENDING runs never claimed for longer than this are listed; 0 means the
-        server default.
+        """PENDING runs never claimed for longer than this, and runs whose claim
+        was released (by its holder, or by RerunFrom) longer ago than this, are
+        listed; 0 means the server default.
         """
 
     def __init__(

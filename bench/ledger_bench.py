@@ -419,8 +419,9 @@ async def ledger_grpc(
         usage("ledger (gRPC)", before, after, ops, pg_known=pg_pid is not None)
         # How far the relay was behind when the clients stopped, and how long it
         # takes to catch up.
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1,
-                                         server_settings={"search_path": "ledger"})
+        pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=1, server_settings={"search_path": "ledger"}
+        )
         try:
             behind = await pending_count(pool)
             started = time.perf_counter()

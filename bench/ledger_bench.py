@@ -370,6 +370,14 @@ _RPC = {
 }
 
 
+def _start_ledger(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """The ledger service as its own process, its output in ``log_path``."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "stepline.ledger"], env=env, stdout=log, stderr=log
+        )
+
+
 async def ledger_grpc(
     dsn: str, options: Options, pg_pid: int | None, tmp: Path
 ) -> tuple[int, list[float], float, float]:
@@ -394,10 +402,7 @@ async def ledger_grpc(
         "STEPLINE_LEDGER_COMMIT_SHARDS": str(options.shards),
         "STEPLINE_LOG_LEVEL": "warning",
     }
-    with open(tmp / "ledger.log", "wb") as log:
-        ledger = subprocess.Popen(
-            [sys.executable, "-m", "stepline.ledger"], env=env, stdout=log, stderr=log
-        )
+    ledger = _start_ledger(env, tmp / "ledger.log")
     settings = ClientSettings(service_token=token, default_timeout_s=60.0, wait_for_ready=True)
     channel = open_channel(address, settings=settings)
     nc = await connect(nats.endpoint, name="ledger-bench")
@@ -425,7 +430,8 @@ async def ledger_grpc(
         try:
             behind = await pending_count(pool)
             started = time.perf_counter()
-            while await pending_count(pool) > 0 and time.perf_counter() - started < 60:
+            # the relay's backlog is a database count: polled, nothing to await
+            while await pending_count(pool) > 0 and time.perf_counter() - started < 60:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             caught_up = time.perf_counter() - started
         finally:

@@ -82,9 +82,10 @@ CHANNEL = "stepline_events"
 _LOCK_SQL = "SELECT pg_try_advisory_lock(hashtext('stepline:event-relay:' || current_schema()))"
 _CURSOR_SQL = "SELECT xid::text AS xid, run_id, sequence FROM relay_position"
 # The events after the cursor that are readable (see "No event is skipped"), and
-# the horizon they were read under (the first row has it, also when no event is).
+# whether events were committed that are not readable yet, behind an older
+# transaction still running (the first row has it, also when no event is).
 _SELECT_SQL = """
-SELECT h.horizon::text AS horizon, e.*
+SELECT EXISTS (SELECT 1 FROM events WHERE xid >= h.horizon) AS held_back, e.*
 FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h
 LEFT JOIN LATERAL (
     SELECT xid::text AS xid, run_id, sequence, event_id, type, actor_id, actor_roles, time,
@@ -95,9 +96,6 @@ LEFT JOIN LATERAL (
     LIMIT $4
 ) e ON true
 """
-# Events committed behind the horizon of the last read: an older transaction was
-# still running then.
-_HELD_BACK_SQL = "SELECT EXISTS (SELECT 1 FROM events WHERE xid >= $1::text::xid8)"
 _ADVANCE_SQL = (
     "UPDATE relay_position SET xid = $1::text::xid8, run_id = $2, sequence = $3,"
     " update_time = clock_timestamp()"
@@ -156,7 +154,7 @@ class EventRelay:
         self._conn: asyncpg.Connection | None = None
         self._leader = False
         self._cursor: Cursor | None = None  # read from relay_position when leading
-        self._horizon: str | None = None  # of the last read
+        self._held_back = False  # as of the last read
         self._wake = asyncio.Event()  # a notification or a local commit
         self._committed = asyncio.Event()  # a local commit
         self.published = 0  # events published (and passed by the cursor) since start
@@ -238,7 +236,7 @@ class EventRelay:
             row = await conn.fetchrow(_CURSOR_SQL)
             self._cursor = (row["xid"], row["run_id"], row["sequence"])
         rows = await conn.fetch(_SELECT_SQL, *self._cursor, self.batch_size)
-        self._horizon = rows[0]["horizon"]
+        self._held_back = rows[0]["held_back"]
         if rows[0]["event_id"] is None:
             return 0
         by_run: dict[str, list[int]] = {}
@@ -266,12 +264,10 @@ class EventRelay:
             await self._advance(conn, rows[done - 1], done)
         return done
 
-    async def held_back(self) -> bool:
-        """Whether events committed that the last pass could not read yet: a
+    def held_back(self) -> bool:
+        """Whether the last pass saw events committed that it could not read yet: a
         transaction older than theirs was still running."""
-        if self._conn is None or self._conn.is_closed() or self._horizon is None:
-            return False
-        return bool(await self._conn.fetchval(_HELD_BACK_SQL, self._horizon))
+        return self._held_back
 
     async def _publish_run(
         self, conn: asyncpg.Connection, rows: list[Any], indexes: list[int], acked: list[bool]
@@ -317,7 +313,7 @@ class EventRelay:
                         self._committed.clear()
                         if await self.publish_pending() < self.batch_size:
                             break
-                    if await self.held_back():
+                    if self.held_back():
                         await self._wait(self._wake, retry_s)
                         retry_s = min(retry_s * 2, self.max_held_back_retry_s)
                     else:

@@ -541,8 +541,10 @@ async def test_a_child_run_that_suspends_is_followed_by_its_parent(gates: Gates)
 
 
 async def test_a_cancel_left_pending_by_a_suspending_holder_is_applied(mesh: Mesh) -> None:
-    """The cancel came while the holder was releasing the suspended run: the
-    ledger kept it pending for a holder that is gone, so the executor applies it."""
+    """The cancel came while the holder was still running the step that
+    suspends: the ledger kept it pending for the holder, which then suspended
+    and let go; the executor applies it. (A cancel arriving once the run is
+    SUSPENDED is applied by the ledger at once.)"""
     run_id = await mesh.create(gated())
     claim = await mesh.stub.ClaimRun(
         pb.ClaimRunRequest(
@@ -557,8 +559,8 @@ async def test_a_cancel_left_pending_by_a_suspending_holder_is_applied(mesh: Mes
         ledger = Ledger(channel, executor_id="executor-x")
         fence = ledger.fence(claim)
         await fence.transition_run(R.WORKFLOW_RUN_STATE_RUNNING)
-        await fence.transition_run(R.WORKFLOW_RUN_STATE_SUSPENDED)
         assert not await mesh.control(run_id, run_pb2.CONTROL_ACTION_CANCEL, "late")  # held
+        await fence.transition_run(R.WORKFLOW_RUN_STATE_SUSPENDED)
         await fence.release("suspended")
         worker = Worker(
             settings=mesh.settings("executor-x"),

@@ -18,7 +18,8 @@ Prints transitions per second, p50/p99 latency and the ratio to plain inserts,
 and for each phase where the CPU went: this process (the ledger's store and
 committer, and the clients; with ``--grpc`` the clients only), the ledger
 service and nats-server (``--grpc``), PostgreSQL (all its processes), the rest
-of the machine; plus WAL bytes and commits per operation. ``--tables`` adds the rows
+of the machine; plus WAL bytes and transactions per operation (PostgreSQL's
+xact_commit: read-only statements in autocommit count too). ``--tables`` adds the rows
 each transition inserts and updates per table (and how many updates were HOT,
 i.e. wrote no index entry); ``--profile`` runs the ledger phase under
 cProfile and prints its top functions.
@@ -144,7 +145,7 @@ async def snapshot(
 
 
 def usage(name: str, before: Snapshot, after: Snapshot, ops: int, *, pg_known: bool) -> None:
-    """Print CPU (% of one core), WAL and commits per operation between two snapshots."""
+    """Print CPU (% of one core), WAL and transactions per operation between two snapshots."""
     elapsed = after.wall - before.wall
     own = (after.own_cpu - before.own_cpu) / elapsed
     pg = (after.pg_cpu - before.pg_cpu) / elapsed
@@ -165,7 +166,7 @@ def usage(name: str, before: Snapshot, after: Snapshot, ops: int, *, pg_known: b
         f"  {name}: per operation: bench process {own * per_op:.0f} us CPU{other_per_op}"
         f"{pg_per_op},"
         f" {(after.wal - before.wal) / max(1, ops):,.0f} WAL bytes,"
-        f" {(after.commits - before.commits) / max(1, ops):.2f} commits"
+        f" {(after.commits - before.commits) / max(1, ops):.2f} transactions"
     )
 
 

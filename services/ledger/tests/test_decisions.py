@@ -137,11 +137,11 @@ async def test_a_decision_is_appended_with_its_decider_and_changes_no_state(
     assert history.last_sequence == last + 1
     assert subject_kind(event.type) == "task"  # published as stepline.events.task.<run_id>
 
-    run_before, tasks_before, (events, outbox, requests, attempts) = before
+    run_before, tasks_before, (events, waiting, requests, attempts) = before
     assert await snapshot(ledger, run_id) == (
         run_before,
         tasks_before,
-        (events + 1, outbox + 1, requests + 1, attempts),
+        (events + 1, waiting + 1, requests + 1, attempts),
     )
 
     # A replay returns the same event and appends nothing; a conflicting one is refused.

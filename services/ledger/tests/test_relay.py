@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -16,6 +17,7 @@ from nats.js import JetStreamContext
 from stepline.api.common.v1 import common_pb2, run_pb2
 from stepline.api.events.v1 import events_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
+from stepline.common.db import create_pool, load_migrations
 from stepline.common.jetstream import MSG_ID_HEADER, Streams, ensure_streams
 from stepline.ledger.events import EventLog
 from stepline.ledger.relay import EventRelay, pending_count
@@ -371,3 +373,57 @@ async def test_run_retries_after_nats_errors(
 def test_kind_table_covers_every_event_type() -> None:
     types = {value for name, value in E.items() if name != "RUN_EVENT_TYPE_UNSPECIFIED"}
     assert set(KIND) == types
+
+
+async def test_events_waiting_in_the_old_outbox_are_relayed_after_the_migration(
+    database_url: str, nats_client: NATS, streams: Streams
+) -> None:
+    """Migration 0004 drops ``outbox``: the events it still held are published
+    from the log, with the bodies the outbox held; the published ones are not."""
+    migrations = load_migrations("stepline.ledger")
+    assert migrations[3].name == "event_relay"
+    old = await create_pool(database_url, schema="legacy", migrations=migrations[:3])
+    bodies: dict[str, bytes] = {}
+    try:
+        await old.execute(
+            "INSERT INTO runs (run_id, request_id, workflow_name, workflow_version, definition,"
+            " state, initiator_id) VALUES ('r1', 'q1', 'wf', 1, '', 1, 'alice')"
+        )
+        for sequence in (1, 2, 3):
+            event_id = str(uuid.uuid4())
+            event = events_pb2.Event(event_id=event_id, run_id="r1", sequence=sequence)
+            event.run_state_changed.workflow_name = "wf"
+            event.record.event_id = event_id
+            event.record.sequence = sequence
+            bodies[event_id] = event.SerializeToString()
+            await old.execute(
+                "INSERT INTO events (run_id, sequence, event_id, type, actor_id)"
+                " VALUES ('r1', $1, $2, $3, 'alice')",
+                sequence,
+                event_id,
+                E.RUN_EVENT_TYPE_RUN_STATE_CHANGED,
+            )
+            await old.execute(
+                "INSERT INTO outbox (event_id, run_id, subject, body, publish_time)"
+                " VALUES ($1, 'r1', 'run.r1', $2, CASE WHEN $3 THEN now() END)",
+                event_id,
+                bodies[event_id],
+                sequence == 1,  # the first one was published already
+            )
+    finally:
+        await old.close()
+    new = await create_pool(database_url, schema="legacy", migrations=migrations)
+    try:
+        assert await pending_count(new) == 2
+        js = await _js(nats_client, streams)
+        async with EventRelay(pool=new, js=js, streams=streams) as relay:
+            assert await _drain(relay) == 2
+        messages = await _read_stream(js, streams)
+        assert [e.sequence for _, _, e in messages] == [2, 3]
+        for subject, msg_id, event in messages:
+            assert subject == streams.subject("events", "run", "r1")
+            assert event.run_state_changed.workflow_name == "wf"  # the old body's payload
+            assert event.record.type == E.RUN_EVENT_TYPE_RUN_STATE_CHANGED  # from the row
+            assert event.event_id == msg_id and msg_id in bodies
+    finally:
+        await new.close()

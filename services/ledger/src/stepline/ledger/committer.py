@@ -121,9 +121,6 @@ class GroupCommitter:
         try:
             while True:
                 batch = [await queue.get()]
-                # Let the writes already on their way (callbacks ready to run, e.g.
-                # requests the gRPC server has just received) join this batch.
-                await asyncio.sleep(0)
                 while len(batch) < self._max_batch and not queue.empty():
                     batch.append(queue.get_nowait())
                 if conn is None or conn.is_closed():

@@ -67,16 +67,9 @@ from stepline.cli import mesh
 from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings
 from stepline.common.errors import SteplineError
+from stepline.common.states import RUN_TERMINAL
 
 R = common_pb2.WorkflowRunState
-TERMINAL = frozenset(
-    {
-        R.WORKFLOW_RUN_STATE_SUCCEEDED,
-        R.WORKFLOW_RUN_STATE_FAILED,
-        R.WORKFLOW_RUN_STATE_CANCELLED,
-        R.WORKFLOW_RUN_STATE_TIMED_OUT,
-    }
-)
 WORKFLOW = "bench-noop"
 TARGETS = (
     "targets (issue): >= 3,000 steps/s; per-step overhead p50 < 2 ms; "
@@ -288,7 +281,7 @@ class RunEnds:
         if event.WhichOneof("payload") != "run_state_changed":
             return
         state = event.run_state_changed.to_state
-        if state not in TERMINAL:
+        if state not in RUN_TERMINAL:
             return
         now = time.time()
         self.relay_lag.append(now - seconds(event.time))

@@ -42,18 +42,13 @@ from stepline.cli import mesh
 from stepline.common import adb, embedded
 from stepline.common.client import check_health, open_channel
 from stepline.common.config import ClientSettings
+from stepline.common.states import RUN_TERMINAL
 
 R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
 F = common_pb2.FailureReason
 D = common_pb2.DeviceState
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "social-post.yaml"
-RUN_TERMINAL = (
-    R.WORKFLOW_RUN_STATE_SUCCEEDED,
-    R.WORKFLOW_RUN_STATE_FAILED,
-    R.WORKFLOW_RUN_STATE_CANCELLED,
-    R.WORKFLOW_RUN_STATE_TIMED_OUT,
-)
 PNG = b"\x89PNG\r\n\x1a\n"
 POLL_S = 0.05
 WAIT_S = 60.0

@@ -36,17 +36,12 @@ from stepline.cli.__main__ import run_async
 from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings
 from stepline.common.plan import plan
+from stepline.common.states import RUN_TERMINAL
 
 R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
 F = common_pb2.FailureReason
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-RUN_TERMINAL = (
-    R.WORKFLOW_RUN_STATE_SUCCEEDED,
-    R.WORKFLOW_RUN_STATE_FAILED,
-    R.WORKFLOW_RUN_STATE_CANCELLED,
-    R.WORKFLOW_RUN_STATE_TIMED_OUT,
-)
 POLL_S = 0.05
 WAIT_S = 30.0
 

@@ -258,33 +258,6 @@ def approvals_settings(
     )
 
 
-@contextlib.asynccontextmanager
-async def recancelling(name: str) -> AsyncIterator[None]:
-    """While the block runs, cancel again the task ``name`` if it was cancelled
-    but runs on.
-
-    A workaround for the ledger's outbox relay: on Python 3.11, asyncio.wait_for
-    (in the relay's wait and in nats-py) drops a cancellation that arrives as its
-    result does, so the relay can outlive the single cancel of its shutdown and
-    the ledger's teardown hangs. Remove once the ledger re-cancels by itself.
-    """
-
-    async def nudge() -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            for task in asyncio.all_tasks():
-                if task.get_name() == name and task.cancelling() and not task.done():
-                    task.cancel()
-
-    nudger = asyncio.create_task(nudge())
-    try:
-        yield
-    finally:
-        nudger.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await nudger
-
-
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "approvals_settings(**fields): override ApprovalsSettings fields in `harness`"
@@ -307,7 +280,6 @@ async def harness(
         nats=approvals_settings.nats,
     )
     async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(recancelling("ledger-outbox-relay"))
         ledger_host = await stack.enter_async_context(ledger_running(ledger_settings))
         settings = replace(approvals_settings, ledger_addr=f"127.0.0.1:{ledger_host.port}")
         service = await stack.enter_async_context(approvals_running(settings))

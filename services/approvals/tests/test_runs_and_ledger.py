@@ -21,7 +21,7 @@ from stepline.common.embedded import free_port
 from stepline.ledger.config import LedgerSettings
 from stepline.ledger.server import running as ledger_running
 
-from .conftest import Harness, eventually, recancelling
+from .conftest import Harness, eventually
 
 S = pb.ApprovalState
 
@@ -96,7 +96,7 @@ async def test_a_decision_reaches_the_ledger_after_an_outage(
         async with open_channel(f"127.0.0.1:{port}", settings=as_service) as channel:
             return await call(ledger_pb2_grpc.LedgerServiceStub(channel))
 
-    async with recancelling("ledger-outbox-relay"), ledger_running(ledger_settings):
+    async with ledger_running(ledger_settings):
         definition = ledger_pb2.CreateRunRequest(
             request_id="run-1",
             initiator=initiator,
@@ -149,7 +149,7 @@ async def test_a_decision_reaches_the_ledger_after_an_outage(
         assert row["done_time"] is None and not row["given_up"]
         assert "Unavailable" in row["last_error"]
 
-        async with recancelling("ledger-outbox-relay"), ledger_running(ledger_settings):
+        async with ledger_running(ledger_settings):
 
             async def recorded() -> Any:
                 response = await ledger_stub_call(

@@ -22,6 +22,7 @@ from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings, NatsSettings, ServerSettings
 from stepline.common.jetstream import Streams
 from stepline.common.plan import plan
+from stepline.common.states import RUN_TERMINAL
 from stepline.common.testing import Credentials
 from stepline.executor.config import ExecutorSettings
 from stepline.executor.server import running as executor_running
@@ -32,12 +33,6 @@ from stepline.ledger.server import running as ledger_running
 
 R = common_pb2.WorkflowRunState
 OPERATOR = common_pb2.Principal(id="user:alice", roles=["operator"])
-TERMINAL = (
-    R.WORKFLOW_RUN_STATE_SUCCEEDED,
-    R.WORKFLOW_RUN_STATE_FAILED,
-    R.WORKFLOW_RUN_STATE_CANCELLED,
-    R.WORKFLOW_RUN_STATE_TIMED_OUT,
-)
 WAIT_S = 20.0
 
 
@@ -160,7 +155,7 @@ class Mesh:
             await sub.unsubscribe()
 
     async def wait_run(self, run_id: str, *states: int) -> run_pb2.WorkflowRun:
-        wanted = states or TERMINAL
+        wanted = states or RUN_TERMINAL
         await self.wait_event(run_id, "run", lambda e: e.run_state_changed.to_state in wanted)
         return await self.get(run_id)
 

@@ -26,20 +26,13 @@ from stepline.api.events.v1 import events_pb2
 from stepline.approvals.store import ApprovalStore
 from stepline.common import jetstream
 from stepline.common.jetstream import Streams
+from stepline.common.states import RUN_TERMINAL
 
 log = logging.getLogger(__name__)
 
 CONSUMER = "approvals-run-endings"
 FETCH_TIMEOUT_S = 1.0
 R = common_pb2.WorkflowRunState
-TERMINAL = frozenset(
-    {
-        R.WORKFLOW_RUN_STATE_SUCCEEDED,
-        R.WORKFLOW_RUN_STATE_FAILED,
-        R.WORKFLOW_RUN_STATE_CANCELLED,
-        R.WORKFLOW_RUN_STATE_TIMED_OUT,
-    }
-)
 
 
 class RunEndings:
@@ -96,7 +89,10 @@ class RunEndings:
             await msg.term()
             return
         change = event.run_state_changed
-        if event.WhichOneof("payload") != "run_state_changed" or change.to_state not in TERMINAL:
+        if (
+            event.WhichOneof("payload") != "run_state_changed"
+            or change.to_state not in RUN_TERMINAL
+        ):
             await msg.ack()
             return
         state = common_pb2.WorkflowRunState.Name(change.to_state).removeprefix(

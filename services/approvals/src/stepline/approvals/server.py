@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,7 @@ from stepline.common.auth import current_principal, require_role
 from stepline.common.client import open_channel
 from stepline.common.config import parse_address
 from stepline.common.db import create_pool, load_migrations
+from stepline.common.loops import Loop, background
 from stepline.common.server import GrpcHost, serving, wait_until_stopped
 
 log = logging.getLogger(__name__)
@@ -146,26 +147,6 @@ class Approvals:
 
 
 @contextlib.asynccontextmanager
-async def _background(
-    loops: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]],
-) -> AsyncIterator[None]:
-    tasks = [asyncio.create_task(run(), name=name) for name, run in loops]
-    try:
-        yield
-    finally:
-        # Cancel until they are done: on Python 3.11, asyncio.wait_for (used by
-        # nats-py) loses a cancellation that arrives as its result does.
-        pending = set(tasks)
-        while pending:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.5)
-        for task in tasks:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("%s ended with an error", task.get_name(), exc_info=task.exception())
-
-
-@contextlib.asynccontextmanager
 async def _webhook_server(app: web.Application, listen: str) -> AsyncIterator[int]:
     host, port = parse_address(listen, name="STEPLINE_APPROVALS_WEBHOOK_LISTEN")
     runner = web.AppRunner(app, access_log=None)
@@ -228,7 +209,7 @@ async def running(settings: ApprovalsSettings) -> AsyncIterator[Approvals]:
             return 0.0 if done else settings.sweep_interval_s
 
         poll = settings.outbox_poll_s
-        loops: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = [
+        loops: list[Loop] = [
             (
                 "approvals-events",
                 lambda: drain_forever("events", publisher.publish_pending, pulse.listener(), poll),
@@ -265,7 +246,7 @@ async def running(settings: ApprovalsSettings) -> AsyncIterator[Approvals]:
             store=store, secrets=secrets, settings=hooks, principals=principals
         )
         async with (
-            _background(loops),
+            background(loops),
             _webhook_server(endpoint.app(), hooks.listen) as webhook_port,
             serving(host),
         ):

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +28,7 @@ import adbutils
 
 from stepline.api.device_broker.v1 import device_broker_pb2 as pb
 from stepline.common.errors import SteplineError
+from stepline.common.loops import every
 from stepline.device_broker import convert
 from stepline.device_broker.broker import Broker
 from stepline.device_broker.config import DeviceBrokerSettings
@@ -49,16 +50,6 @@ def _now() -> datetime:
 
 def _at(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
-
-
-async def every(interval_s: float, step: Callable[[], Awaitable[object]], name: str) -> None:
-    """Run ``step`` every ``interval_s`` until cancelled; a failed pass is logged."""
-    while True:
-        try:
-            await step()
-        except Exception:
-            log.exception("%s: pass failed; next in %ss", name, interval_s)
-        await asyncio.sleep(interval_s)
 
 
 class Upkeep:

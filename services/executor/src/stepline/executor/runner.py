@@ -26,6 +26,7 @@ from stepline.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from stepline.common.jetstream import Streams
 from stepline.common.logs import log_context
 from stepline.common.plan import plan
+from stepline.common.states import RUN_TERMINAL
 from stepline.executor import chunks, govern
 from stepline.executor.attempts import (
     Halt,
@@ -51,12 +52,6 @@ R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
 F = common_pb2.FailureReason
 DONE = (T.TASK_RUN_STATE_SUCCEEDED, T.TASK_RUN_STATE_SKIPPED)
-RUN_TERMINAL = (
-    R.WORKFLOW_RUN_STATE_SUCCEEDED,
-    R.WORKFLOW_RUN_STATE_FAILED,
-    R.WORKFLOW_RUN_STATE_CANCELLED,
-    R.WORKFLOW_RUN_STATE_TIMED_OUT,
-)
 ACK, NAK = "ack", "nak"
 
 

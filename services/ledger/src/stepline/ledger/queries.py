@@ -3,8 +3,6 @@ orphaned runs. Reads use the pool directly; they never wait for a commit."""
 
 from __future__ import annotations
 
-import base64
-import json
 from datetime import datetime
 from typing import Any
 
@@ -13,41 +11,16 @@ import asyncpg
 from stepline.api.common.v1 import run_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.errors import InvalidArgument, NotFound
+from stepline.common.paging import decode_token, encode_token, page_size
 from stepline.ledger import artifacts, convert
 from stepline.ledger.checks import require
 from stepline.ledger.store import read_run
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 DEFAULT_GRACE_S = 30.0
 # What a RunEvent shows of an ``events`` row (not the relay's and replays' columns).
 EVENT_READ_COLUMNS = (
     "run_id, sequence, event_id, type, actor_id, actor_roles, time, task_id, chunk_id, payload"
 )
-
-
-def page_size(value: int) -> int:
-    if value < 0:
-        raise InvalidArgument("page_size must not be negative")
-    return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
-def encode_token(**position: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode()
-
-
-def decode_token(token: str, *keys: str) -> dict[str, Any] | None:
-    if not token:
-        return None
-    try:
-        position = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except (ValueError, TypeError):
-        raise InvalidArgument(
-            "page_token is malformed; pass back next_page_token as given"
-        ) from None
-    if not isinstance(position, dict) or set(position) != set(keys):
-        raise InvalidArgument("page_token is malformed; pass back next_page_token as given")
-    return position
 
 
 async def get_run(pool: asyncpg.Pool, request: pb.GetRunRequest) -> pb.GetRunResponse:

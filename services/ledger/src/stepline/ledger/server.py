@@ -8,7 +8,6 @@ administrators may call the ledger.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ from stepline.api.ledger.v1 import ledger_pb2_grpc
 from stepline.common import jetstream
 from stepline.common.auth import require_role
 from stepline.common.db import create_pool, load_migrations
+from stepline.common.loops import background
 from stepline.common.server import GrpcHost, serving, wait_until_stopped
 from stepline.ledger import artifacts, queries
 from stepline.ledger.committer import GroupCommitter
@@ -170,14 +170,7 @@ async def running(settings: LedgerSettings) -> AsyncIterator[GrpcHost]:
         js = nc.jetstream()
         await jetstream.ensure_streams(js, settings.nats.streams)
         relay = EventRelay(pool=pool, js=js, streams=settings.nats.streams)
-        relay_task = asyncio.create_task(relay.run(), name="ledger-event-relay")
-
-        async def stop_relay() -> None:
-            relay_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await relay_task
-
-        stack.push_async_callback(stop_relay)
+        await stack.enter_async_context(background([("ledger-event-relay", relay.run)]))
         committer = GroupCommitter(pool, shards=settings.commit_shards, on_commit=relay.notify)
         await committer.start()
         stack.push_async_callback(committer.close)

@@ -7,18 +7,11 @@ refused with FAILED_PRECONDITION and changes nothing.
 from __future__ import annotations
 
 from stepline.api.common.v1.common_pb2 import TaskRunState, WorkflowRunState
+from stepline.common.states import RUN_TERMINAL as RUN_TERMINAL
 
 R = WorkflowRunState
 T = TaskRunState
 
-RUN_TERMINAL = frozenset(
-    {
-        R.WORKFLOW_RUN_STATE_SUCCEEDED,
-        R.WORKFLOW_RUN_STATE_FAILED,
-        R.WORKFLOW_RUN_STATE_CANCELLED,
-        R.WORKFLOW_RUN_STATE_TIMED_OUT,
-    }
-)
 
 RUN_TRANSITIONS: dict[int, frozenset[int]] = {
     R.WORKFLOW_RUN_STATE_PENDING: frozenset(

@@ -43,6 +43,7 @@ from stepline.common.errors import (
     SteplineError,
     Unavailable,
 )
+from stepline.common.states import RUN_TERMINAL
 from stepline.scheduler import access
 from stepline.scheduler.definitions import validate_inputs
 from stepline.scheduler.scheduler_service import (
@@ -50,7 +51,6 @@ from stepline.scheduler.scheduler_service import (
     principal_of,
     principal_proto,
 )
-from stepline.scheduler.watch import TERMINAL_STATES
 
 if TYPE_CHECKING:
     from google.protobuf.timestamp_pb2 import Timestamp
@@ -364,7 +364,7 @@ class Ticker:
             got = await rpc(self.store.runs.ledger.GetRun(ledger_pb2.GetRunRequest(run_id=run_id)))
         except NotFound:
             return ""
-        return "" if got.run.state in TERMINAL_STATES else run_id
+        return "" if got.run.state in RUN_TERMINAL else run_id
 
     async def _finish(
         self, schedule_id: str, fire_time: datetime, run_id: str, outcome: str

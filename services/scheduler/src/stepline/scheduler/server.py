@@ -10,7 +10,6 @@ the wake-up of runs suspended at a GOVERN step once their approval is decided
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +31,7 @@ from stepline.api.scheduler.v1 import (
 from stepline.common import jetstream
 from stepline.common.client import open_channel
 from stepline.common.db import create_pool, load_migrations
+from stepline.common.loops import background, periodic
 from stepline.common.server import GrpcHost, serving, wait_until_stopped
 from stepline.scheduler.config import SchedulerSettings
 from stepline.scheduler.reconciler import Reconciler
@@ -106,36 +106,6 @@ async def connected(
         )
 
 
-async def every(interval_s: float, step: Callable[[], Awaitable[object]], name: str) -> None:
-    """Run ``step`` every ``interval_s`` until cancelled; a failed pass is logged."""
-    while True:
-        try:
-            await step()
-        except Exception:
-            log.exception("%s: pass failed; next in %ss", name, interval_s)
-        await asyncio.sleep(interval_s)
-
-
-@contextlib.asynccontextmanager
-async def background(
-    loops: list[tuple[str, float, Callable[[], Awaitable[object]]]],
-) -> AsyncIterator[None]:
-    """Run the loops whose interval is positive while the block runs."""
-    tasks = [
-        asyncio.create_task(every(interval, step, name), name=name)
-        for name, interval, step in loops
-        if interval > 0
-    ]
-    try:
-        yield
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
 @contextlib.asynccontextmanager
 async def running(settings: SchedulerSettings) -> AsyncIterator[GrpcHost]:
     """The scheduler serving, with its ticker and reconciler, until the block exits."""
@@ -172,7 +142,8 @@ async def running(settings: SchedulerSettings) -> AsyncIterator[GrpcHost]:
             loops.append(
                 ("scheduler-suspended-sweep", settings.suspended_sweep_interval_s, sweep.sweep)
             )
-        async with serving(host), background(loops):
+        running_loops = [periodic(*loop) for loop in loops if loop[1] > 0]
+        async with serving(host), background(running_loops):
             yield host
 
 

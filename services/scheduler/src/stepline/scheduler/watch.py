@@ -26,6 +26,7 @@ from stepline.api.events.v1 import events_pb2
 from stepline.api.ledger.v1 import ledger_pb2
 from stepline.common.client import rpc
 from stepline.common.jetstream import Streams
+from stepline.common.states import RUN_TERMINAL
 
 if TYPE_CHECKING:
     from stepline.api.ledger.v1.ledger_pb2_grpc import LedgerServiceAsyncStub
@@ -34,14 +35,6 @@ log = logging.getLogger(__name__)
 
 R = common_pb2.WorkflowRunState
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"})
-TERMINAL_STATES = frozenset(
-    {
-        R.WORKFLOW_RUN_STATE_SUCCEEDED,
-        R.WORKFLOW_RUN_STATE_FAILED,
-        R.WORKFLOW_RUN_STATE_CANCELLED,
-        R.WORKFLOW_RUN_STATE_TIMED_OUT,
-    }
-)
 HISTORY_PAGE = 500
 
 
@@ -82,7 +75,7 @@ class RunWatcher:
                 last = event.sequence
                 if is_terminal_event(event):
                     return
-            if got.run.state in TERMINAL_STATES:
+            if got.run.state in RUN_TERMINAL:
                 return  # everything up to (and past) its end was in the history
             while True:
                 live = await self._next_live(sub)

@@ -352,6 +352,28 @@ async def test_cancel_of_a_claimed_run_waits_for_its_holder(ledger: Ledger) -> N
     assert renewed.pending_control == run_pb2.CONTROL_ACTION_CANCEL
 
 
+async def test_a_task_transition_reports_the_pending_pause(ledger: Ledger) -> None:
+    """A pause asked for while a step ran reaches its holder with the step's end,
+    so it is honoured at that boundary without waiting for the control event."""
+    store = ledger.store
+    run_id, epoch = await claimed_run(ledger)
+    await store.transition_run(run_request(run_id, epoch, R.WORKFLOW_RUN_STATE_RUNNING))
+    started = await store.transition_task(
+        task_request(run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
+    )
+    assert started.pending_control == run_pb2.CONTROL_ACTION_UNSPECIFIED
+    await store.request_control(
+        pb.RequestControlRequest(
+            request_id=rid(), run_id=run_id, action=run_pb2.CONTROL_ACTION_PAUSE, actor=OPERATOR
+        )
+    )
+    done = await store.transition_task(task_request(run_id, epoch, "a", T.TASK_RUN_STATE_SUCCEEDED))
+    assert done.pending_control == run_pb2.CONTROL_ACTION_PAUSE
+    await store.transition_run(run_request(run_id, epoch, R.WORKFLOW_RUN_STATE_PAUSED))
+    run = await ledger.pool.fetchrow("SELECT pending_control FROM runs WHERE run_id = $1", run_id)
+    assert run["pending_control"] == run_pb2.CONTROL_ACTION_UNSPECIFIED
+
+
 @pytest.mark.parametrize("waiting", [R.WORKFLOW_RUN_STATE_SUSPENDED, R.WORKFLOW_RUN_STATE_PAUSED])
 async def test_cancel_of_a_waiting_run_applies_even_while_claimed(
     ledger: Ledger, waiting: int

@@ -127,6 +127,10 @@ class Fence:
         self.epoch = epoch
         self.chunk_id = chunk_id
         self.actor = ledger.actor
+        # Called with the run's pending control action a task transition
+        # reports (a PAUSE asked for while the step ran), so that it is
+        # honoured at this step boundary even before its event arrives.
+        self.on_control: Callable[[int], None] | None = None
 
     def _id(self, *parts: object) -> str:
         return ":".join(str(p) for p in (self.run_id, self.chunk_id, self.epoch, *parts))
@@ -212,10 +216,12 @@ class Fence:
                 ),
             )
         else:
-            await self.ledger.call(
+            response = await self.ledger.call(
                 self.ledger.stub.TransitionTask,
                 pb.TransitionTaskRequest(task_id=owner_id, child_run_id=child_run_id, **common),
             )
+            if response.pending_control and self.on_control is not None:
+                self.on_control(response.pending_control)
 
     async def create_chunks(
         self, task_id: str, records: list[Mapping[str, Any]], *, batch: int = 500

@@ -140,6 +140,7 @@ async def execute_claimed(
     deadline: float | None = None,
 ) -> RunEnd:
     fence = worker.ledger.fence(claim)
+    fence.on_control = control.apply
     execution = Execution(worker, fence, claim.run, control, deadline=deadline)
     try:
         async with worker.hold(fence, control, beat):

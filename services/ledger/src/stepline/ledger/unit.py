@@ -563,6 +563,7 @@ class TaskTransition(_StepTransition):
                 unit.artifacts.get(owner["task_id"], []),
             ),
             event_sequence=sequence,
+            pending_control=unit.runs[owner["run_id"]]["pending_control"],
         )
 
 

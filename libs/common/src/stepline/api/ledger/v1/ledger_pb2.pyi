@@ -799,8 +799,14 @@ class TransitionTaskResponse(_message.Message):
 
     TASK_FIELD_NUMBER: _builtins.int
     EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    PENDING_CONTROL_FIELD_NUMBER: _builtins.int
     event_sequence: _builtins.int
     """Sequence of the RunEvent that recorded the change."""
+    pending_control: _run_pb2.ControlAction.ValueType
+    """The run's control action requested and not yet applied when the change was
+    committed (WorkflowRun.pending_control): a PAUSE asked for while the step
+    ran is honoured at this step boundary, without waiting for its event.
+    """
     @_builtins.property
     def task(self) -> _run_pb2.TaskRun:
         """The task after the change."""
@@ -810,10 +816,11 @@ class TransitionTaskResponse(_message.Message):
         *,
         task: _run_pb2.TaskRun | None = ...,
         event_sequence: _builtins.int = ...,
+        pending_control: _run_pb2.ControlAction.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_sequence", b"event_sequence", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_sequence", b"event_sequence", "pending_control", b"pending_control", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -116,11 +116,27 @@ _BY_STATUS: dict[grpc.StatusCode, type[SteplineError]] = {
 }
 
 
-def from_rpc_error(error: grpc.aio.AioRpcError) -> SteplineError:
+_BY_NUMBER: dict[int, grpc.StatusCode] = {status.value[0]: status for status in grpc.StatusCode}
+
+
+def from_status(status: grpc.StatusCode, message: str) -> SteplineError:
     """Rebuild the Stepline error that a remote service raised from its status."""
-    status = error.code()
-    message = error.details() or status.name
     cls = _BY_STATUS.get(status)
     if cls is None:
-        return RemoteError(message, remote_status=status)
-    return cls(message)
+        return RemoteError(message or status.name, remote_status=status)
+    return cls(message or status.name)
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> SteplineError:
+    """Rebuild the Stepline error that a remote service raised from its status."""
+    return from_status(error.code(), error.details() or "")
+
+
+def from_status_number(code: int, message: str) -> SteplineError:
+    """:func:`from_status` for a status carried as its number (google.rpc.Code)."""
+    return from_status(_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN), message)
+
+
+def status_number(error: SteplineError) -> int:
+    """The number (google.rpc.Code) of ``error``'s gRPC status."""
+    return int(error.status.value[0])

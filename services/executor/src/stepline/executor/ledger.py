@@ -1,10 +1,14 @@
 """A thin client over ``LedgerService`` for the executor.
 
 :class:`Ledger` makes the calls; :class:`Fence` carries one claim (a run's or a
-chunk's) and writes under it. Every write's request id is derived from what is
-being done (claim epoch, task or chunk, attempt, state), so an RPC retried after
-a lost response replays instead of applying twice. Transient failures
-(UNAVAILABLE, DEADLINE_EXCEEDED) are retried a few times for that reason.
+chunk's) and writes under it. Task and chunk transitions, the bulk of the
+traffic, go through a :class:`TransitionBatcher`: the transitions of all the
+runs the executor holds share ``ApplyTransitions`` calls.
+
+Every write's request id is derived from what is being done (claim epoch, task
+or chunk, attempt, state), so an RPC retried after a lost response replays
+instead of applying twice. Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED)
+are retried a few times for that reason.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
@@ -21,7 +25,15 @@ from google.protobuf.duration_pb2 import Duration
 from stepline.api.common.v1 import common_pb2, run_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.api.ledger.v1 import ledger_pb2_grpc
-from stepline.common.errors import from_rpc_error
+from stepline.common.errors import (
+    DeadlineExceeded,
+    Unavailable,
+    from_rpc_error,
+    from_status_number,
+)
+
+if TYPE_CHECKING:
+    from stepline.api.ledger.v1.ledger_pb2_grpc import LedgerServiceAsyncStub
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +41,7 @@ T = common_pb2.TaskRunState
 R = common_pb2.WorkflowRunState
 Resp = TypeVar("Resp")
 
-_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_TRANSIENT = (Unavailable, DeadlineExceeded)
 _RETRIES = 4
 
 
@@ -50,6 +62,69 @@ def duration(seconds: float) -> Duration:
     return result
 
 
+class TransitionBatcher:
+    """Sends task and chunk transitions in shared ``ApplyTransitions`` calls.
+
+    A transition is sent at once when a call slot is free (after one turn of
+    the event loop, so that transitions made ready together travel together);
+    while ``max_in_flight`` calls are out, new ones wait and leave together in
+    the next call. At low load every transition has its own call, with no
+    added wait; under load one call carries the transitions of many runs, and
+    the ledger's per-call cost is shared by them.
+    """
+
+    def __init__(
+        self,
+        stub: LedgerServiceAsyncStub,
+        *,
+        max_items: int = 256,
+        max_in_flight: int = 2,
+    ) -> None:
+        self._stub = stub
+        self._max_items = max_items
+        self._max_in_flight = max_in_flight
+        self._waiting: list[tuple[pb.StepTransition, asyncio.Future[pb.StepTransitionResult]]] = []
+        self._senders = 0
+        self.calls = 0
+        self.items = 0
+
+    async def apply(self, item: pb.StepTransition) -> pb.StepTransitionResult:
+        """The item's result; raises the call's ``AioRpcError`` if the call failed."""
+        future: asyncio.Future[pb.StepTransitionResult] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._senders < self._max_in_flight:
+            self._senders += 1
+            asyncio.get_running_loop().create_task(self._send())
+        return await future
+
+    async def _send(self) -> None:
+        try:
+            await asyncio.sleep(0)  # let transitions made ready in this turn join
+            while self._waiting:
+                batch = self._waiting[: self._max_items]
+                del self._waiting[: self._max_items]
+                request = pb.ApplyTransitionsRequest(transitions=[item for item, _ in batch])
+                self.calls += 1
+                self.items += len(batch)
+                try:
+                    response = await self._stub.ApplyTransitions(request)
+                except grpc.aio.AioRpcError as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                except BaseException as exc:  # cancelled (shutdown) or a bug: fail them all
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    raise
+                for (_, future), result in zip(batch, response.results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._senders -= 1
+
+
 class Ledger:
     """Calls to the ledger, with errors turned into Stepline's own."""
 
@@ -57,17 +132,29 @@ class Ledger:
         self.stub = ledger_pb2_grpc.LedgerServiceStub(channel)
         self.executor_id = executor_id
         self.actor = common_pb2.Principal(id=executor_id, roles=["service"])
+        self.transitions = TransitionBatcher(self.stub)
+
+    async def apply_transition(self, item: pb.StepTransition) -> pb.StepTransitionResult:
+        """One task or chunk transition, through the batcher; an item the ledger
+        refused raises its Stepline error (use with :meth:`call` for retries)."""
+        result = await self.transitions.apply(item)
+        if result.HasField("error"):
+            raise from_status_number(result.error.code, result.error.message)
+        return result
 
     async def call(self, method: Callable[[Any], Awaitable[Resp]], request: Any) -> Resp:
         for attempt in range(_RETRIES):
             try:
                 return await method(request)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in _TRANSIENT and attempt + 1 < _RETRIES:
-                    log.warning("ledger call failed (%s), retrying", exc.code().name)
-                    await asyncio.sleep(0.2 * 2**attempt)
-                    continue
-                raise from_rpc_error(exc) from None
+                error = from_rpc_error(exc)
+            except _TRANSIENT as exc:  # an item of ApplyTransitions
+                error = exc
+            if isinstance(error, _TRANSIENT) and attempt + 1 < _RETRIES:
+                log.warning("ledger call failed (%s), retrying", error.status.name)
+                await asyncio.sleep(0.2 * 2**attempt)
+                continue
+            raise error from None
         raise AssertionError("unreachable")
 
     async def claim(
@@ -209,19 +296,18 @@ class Fence:
         if output is not None:
             common["output"] = struct(output)
         if chunk:
-            await self.ledger.call(
-                self.ledger.stub.TransitionChunk,
-                pb.TransitionChunkRequest(
+            item = pb.StepTransition(
+                chunk=pb.TransitionChunkRequest(
                     chunk_id=owner_id, use_run_claim=not self.chunk_id, **common
-                ),
+                )
             )
         else:
-            response = await self.ledger.call(
-                self.ledger.stub.TransitionTask,
-                pb.TransitionTaskRequest(task_id=owner_id, child_run_id=child_run_id, **common),
+            item = pb.StepTransition(
+                task=pb.TransitionTaskRequest(task_id=owner_id, child_run_id=child_run_id, **common)
             )
-            if response.pending_control and self.on_control is not None:
-                self.on_control(response.pending_control)
+        result = await self.ledger.call(self.ledger.apply_transition, item)
+        if result.task.pending_control and self.on_control is not None:
+            self.on_control(result.task.pending_control)
 
     async def create_chunks(
         self, task_id: str, records: list[Mapping[str, Any]], *, batch: int = 500

@@ -93,6 +93,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         require_role(*CALLER_ROLES)
         return await self.store.transition_chunk(request)
 
+    async def ApplyTransitions(
+        self, request: pb.ApplyTransitionsRequest, context: Context
+    ) -> pb.ApplyTransitionsResponse:
+        require_role(*CALLER_ROLES)
+        return await self.store.apply_transitions(request)
+
     async def RequestControl(
         self, request: pb.RequestControlRequest, context: Context
     ) -> pb.RequestControlResponse:

@@ -10,6 +10,7 @@ in memory by a :class:`~stepline.ledger.unit.StepUnit` per batch instead.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from collections.abc import Mapping
@@ -29,6 +30,8 @@ from stepline.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    SteplineError,
+    status_number,
 )
 from stepline.ledger import artifacts, convert, states
 from stepline.ledger.checks import (
@@ -59,6 +62,8 @@ T = common_pb2.TaskRunState
 E = run_pb2.RunEventType
 C = run_pb2.ControlAction
 M = TypeVar("M", bound=Message)
+# Most items one ApplyTransitions call may carry.
+MAX_TRANSITIONS_PER_CALL = 1000
 
 # --- reads inside write transactions ---------------------------------------------
 
@@ -413,6 +418,37 @@ class LedgerStore:
         principal(request.actor)
         validate_step_change(request.state, request.failure, request.output, request.attempt)
         return await self.committer.submit(request.run_id, ChunkTransition(request))
+
+    async def apply_transitions(
+        self, request: pb.ApplyTransitionsRequest
+    ) -> pb.ApplyTransitionsResponse:
+        """Each item as :meth:`transition_task` or :meth:`transition_chunk` would
+        apply it, answered apart. The items are submitted in request order (a
+        run's shard applies them in that order) and share commits."""
+        count = len(request.transitions)
+        if not 1 <= count <= MAX_TRANSITIONS_PER_CALL:
+            raise InvalidArgument(
+                f"transitions must hold 1 to {MAX_TRANSITIONS_PER_CALL} items, not {count}"
+            )
+
+        async def one(index: int, item: pb.StepTransition) -> pb.StepTransitionResult:
+            try:
+                change = item.WhichOneof("change")
+                if change == "task":
+                    return pb.StepTransitionResult(task=await self.transition_task(item.task))
+                if change == "chunk":
+                    return pb.StepTransitionResult(chunk=await self.transition_chunk(item.chunk))
+                raise InvalidArgument("set task or chunk")
+            except SteplineError as exc:
+                error = pb.TransitionError(
+                    code=status_number(exc), message=f"transitions[{index}]: {exc}"
+                )
+                return pb.StepTransitionResult(error=error)
+
+        results = await asyncio.gather(
+            *(one(index, item) for index, item in enumerate(request.transitions))
+        )
+        return pb.ApplyTransitionsResponse(results=results)
 
     # --- chunks, dispatch, control -------------------------------------------------
 

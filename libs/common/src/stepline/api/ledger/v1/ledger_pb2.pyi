@@ -929,6 +929,150 @@ class TransitionChunkResponse(_message.Message):
 Global___TransitionChunkResponse: _TypeAlias = TransitionChunkResponse  # noqa: Y015
 
 @_typing.final
+class StepTransition(_message.Message):
+    """One item of ApplyTransitions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___TransitionTaskRequest:
+        """As TransitionTask."""
+
+    @_builtins.property
+    def chunk(self) -> Global___TransitionChunkRequest:
+        """As TransitionChunk."""
+
+    def __init__(
+        self,
+        *,
+        task: Global___TransitionTaskRequest | None = ...,
+        chunk: Global___TransitionChunkRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "chunk", b"chunk", "task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "chunk", b"chunk", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["task", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
+
+Global___StepTransition: _TypeAlias = StepTransition  # noqa: Y015
+
+@_typing.final
+class ApplyTransitionsRequest(_message.Message):
+    """Request of LedgerService.ApplyTransitions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSITIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def transitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepTransition]:
+        """1 to 1000 transitions."""
+
+    def __init__(
+        self,
+        *,
+        transitions: _abc.Iterable[Global___StepTransition] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["transitions", b"transitions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyTransitionsRequest: _TypeAlias = ApplyTransitionsRequest  # noqa: Y015
+
+@_typing.final
+class TransitionError(_message.Message):
+    """Why one item of ApplyTransitions was refused."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code (google.rpc.Code) its own RPC would have returned."""
+    message: _builtins.str
+    """What is wrong, as its own RPC would have said."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransitionError: _TypeAlias = TransitionError  # noqa: Y015
+
+@_typing.final
+class StepTransitionResult(_message.Message):
+    """The outcome of one item of ApplyTransitions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___TransitionTaskResponse:
+        """As TransitionTask returns it."""
+
+    @_builtins.property
+    def chunk(self) -> Global___TransitionChunkResponse:
+        """As TransitionChunk returns it."""
+
+    @_builtins.property
+    def error(self) -> Global___TransitionError:
+        """The item was refused; nothing of it was applied."""
+
+    def __init__(
+        self,
+        *,
+        task: Global___TransitionTaskResponse | None = ...,
+        chunk: Global___TransitionChunkResponse | None = ...,
+        error: Global___TransitionError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "error", b"error", "result", b"result", "task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "error", b"error", "result", b"result", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["task", "chunk", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___StepTransitionResult: _TypeAlias = StepTransitionResult  # noqa: Y015
+
+@_typing.final
+class ApplyTransitionsResponse(_message.Message):
+    """Response of LedgerService.ApplyTransitions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepTransitionResult]:
+        """One per item, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___StepTransitionResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyTransitionsResponse: _TypeAlias = ApplyTransitionsResponse  # noqa: Y015
+
+@_typing.final
 class RerunFromRequest(_message.Message):
     """Request of LedgerService.RerunFrom."""
 

@@ -84,6 +84,11 @@ class LedgerServiceStub:
                 request_serializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.TransitionChunkRequest.SerializeToString,
                 response_deserializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.TransitionChunkResponse.FromString,
                 _registered_method=True)
+        self.ApplyTransitions = channel.unary_unary(
+                '/stepline.api.ledger.v1.LedgerService/ApplyTransitions',
+                request_serializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.ApplyTransitionsRequest.SerializeToString,
+                response_deserializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.ApplyTransitionsResponse.FromString,
+                _registered_method=True)
         self.RequestControl = channel.unary_unary(
                 '/stepline.api.ledger.v1.LedgerService/RequestControl',
                 request_serializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.RequestControlRequest.SerializeToString,
@@ -211,6 +216,18 @@ class LedgerServiceServicer:
     def TransitionChunk(self, request, context):
         """Moves a chunk to a new state and/or records an attempt, under the chunk
         claim (or the run claim, for chunks nobody holds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyTransitions(self, request, context):
+        """Applies several task and chunk transitions, of one run or many, in one
+        call: each exactly as TransitionTask or TransitionChunk would (its own
+        validation, fencing and idempotency; concurrent ones share commits) and
+        answered on its own, so a refused item leaves the others applied. Items
+        are independent; those of one run are applied in request order. An
+        executor sends the transitions of all the runs it holds this way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -350,6 +367,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.TransitionChunk,
                     request_deserializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.TransitionChunkRequest.FromString,
                     response_serializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.TransitionChunkResponse.SerializeToString,
+            ),
+            'ApplyTransitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyTransitions,
+                    request_deserializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.ApplyTransitionsRequest.FromString,
+                    response_serializer=stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.ApplyTransitionsResponse.SerializeToString,
             ),
             'RequestControl': grpc.unary_unary_rpc_method_handler(
                     servicer.RequestControl,
@@ -655,6 +677,33 @@ class LedgerService:
             '/stepline.api.ledger.v1.LedgerService/TransitionChunk',
             stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.TransitionChunkRequest.SerializeToString,
             stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.TransitionChunkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyTransitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stepline.api.ledger.v1.LedgerService/ApplyTransitions',
+            stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.ApplyTransitionsRequest.SerializeToString,
+            stepline_dot_api_dot_ledger_dot_v1_dot_ledger__pb2.ApplyTransitionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

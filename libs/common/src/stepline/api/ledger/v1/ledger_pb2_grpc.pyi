@@ -67,6 +67,14 @@ class LedgerServiceStub:
     """Moves a chunk to a new state and/or records an attempt, under the chunk
     claim (or the run claim, for chunks nobody holds).
     """
+    ApplyTransitions: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ApplyTransitionsRequest, _ledger_pb2.ApplyTransitionsResponse]
+    """Applies several task and chunk transitions, of one run or many, in one
+    call: each exactly as TransitionTask or TransitionChunk would (its own
+    validation, fencing and idempotency; concurrent ones share commits) and
+    answered on its own, so a refused item leaves the others applied. Items
+    are independent; those of one run are applied in request order. An
+    executor sends the transitions of all the runs it holds this way.
+    """
     RequestControl: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RequestControlRequest, _ledger_pb2.RequestControlResponse]
     """Records an operator's cancel, pause or resume. Applied at once when no
     executor holds a live claim; otherwise left pending for the holder.
@@ -140,6 +148,14 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     TransitionChunk: _aio.UnaryUnaryMultiCallable[_ledger_pb2.TransitionChunkRequest, _ledger_pb2.TransitionChunkResponse]  # type: ignore[assignment]
     """Moves a chunk to a new state and/or records an attempt, under the chunk
     claim (or the run claim, for chunks nobody holds).
+    """
+    ApplyTransitions: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ApplyTransitionsRequest, _ledger_pb2.ApplyTransitionsResponse]  # type: ignore[assignment]
+    """Applies several task and chunk transitions, of one run or many, in one
+    call: each exactly as TransitionTask or TransitionChunk would (its own
+    validation, fencing and idempotency; concurrent ones share commits) and
+    answered on its own, so a refused item leaves the others applied. Items
+    are independent; those of one run are applied in request order. An
+    executor sends the transitions of all the runs it holds this way.
     """
     RequestControl: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RequestControlRequest, _ledger_pb2.RequestControlResponse]  # type: ignore[assignment]
     """Records an operator's cancel, pause or resume. Applied at once when no
@@ -265,6 +281,20 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ledger_pb2.TransitionChunkResponse, _abc.Awaitable[_ledger_pb2.TransitionChunkResponse]]:
         """Moves a chunk to a new state and/or records an attempt, under the chunk
         claim (or the run claim, for chunks nobody holds).
+        """
+
+    @_abc_1.abstractmethod
+    def ApplyTransitions(
+        self,
+        request: _ledger_pb2.ApplyTransitionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ApplyTransitionsResponse, _abc.Awaitable[_ledger_pb2.ApplyTransitionsResponse]]:
+        """Applies several task and chunk transitions, of one run or many, in one
+        call: each exactly as TransitionTask or TransitionChunk would (its own
+        validation, fencing and idempotency; concurrent ones share commits) and
+        answered on its own, so a refused item leaves the others applied. Items
+        are independent; those of one run are applied in request order. An
+        executor sends the transitions of all the runs it holds this way.
         """
 
     @_abc_1.abstractmethod

@@ -427,3 +427,27 @@ async def test_events_waiting_in_the_old_outbox_are_relayed_after_the_migration(
             assert event.event_id == msg_id and msg_id in bodies
     finally:
         await new.close()
+
+
+async def test_events_are_relayed_in_transaction_number_order(
+    ledger: Ledger, nats_client: NATS, streams: Streams
+) -> None:
+    """The cursor's order is numeric in the transaction id: events of xid 9 go
+    out before those of xid 10 (as text, "10" sorts first)."""
+    await ledger.pool.execute(
+        "INSERT INTO runs (run_id, request_id, workflow_name, workflow_version, definition,"
+        " state, initiator_id) VALUES ('r9', 'q9', 'wf', 1, '', 1, 'alice')"
+    )
+    for sequence, xid in ((1, "9"), (2, "10"), (3, "10")):
+        await ledger.pool.execute(
+            "INSERT INTO events (run_id, sequence, event_id, type, actor_id, xid)"
+            " VALUES ('r9', $1, $2, $3, 'alice', $4::text::xid8)",
+            sequence,
+            uuid.uuid4(),
+            E.RUN_EVENT_TYPE_RUN_STATE_CHANGED,
+            xid,
+        )
+    js = await _js(nats_client, streams)
+    async with EventRelay(pool=ledger.pool, js=js, streams=streams, batch_size=2) as relay:
+        assert await _drain(relay) == 3
+    assert [e.sequence for _, _, e in await _read_stream(js, streams)] == [1, 2, 3]

@@ -87,15 +87,20 @@ _CURSOR_SQL = "SELECT xid::text AS xid, run_id, sequence FROM relay_position"
 # The events after the cursor that are readable (see "No event is skipped"), and
 # whether events were committed that are not readable yet, behind an older
 # transaction still running (the first row has it, also when no event is).
+# Both parts are index range scans of ``events_relay``, whatever the size of the
+# log: max() reads its last entry, and the events are read in its order (the
+# ORDER BY names the table's columns: ``xid`` alone would be the text alias,
+# whose order is not the cursor's).
 _SELECT_SQL = """
-SELECT EXISTS (SELECT 1 FROM events WHERE xid >= h.horizon) AS held_back, e.*
+SELECT coalesce((SELECT max(xid) FROM events) >= h.horizon, false) AS held_back, e.*
 FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h
 LEFT JOIN LATERAL (
-    SELECT xid::text AS xid, run_id, sequence, event_id, type, actor_id, actor_roles, time,
-           task_id, chunk_id, payload, envelope
-    FROM events
-    WHERE (xid, run_id, sequence) > ($1::text::xid8, $2::text, $3::bigint) AND xid < h.horizon
-    ORDER BY xid, run_id, sequence
+    SELECT ev.xid::text AS xid, ev.run_id, ev.sequence, ev.event_id, ev.type, ev.actor_id,
+           ev.actor_roles, ev.time, ev.task_id, ev.chunk_id, ev.payload, ev.envelope
+    FROM events ev
+    WHERE (ev.xid, ev.run_id, ev.sequence) > ($1::text::xid8, $2::text, $3::bigint)
+      AND ev.xid < h.horizon
+    ORDER BY ev.xid, ev.run_id, ev.sequence
     LIMIT $4
 ) e ON true
 """

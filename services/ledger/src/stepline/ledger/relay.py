@@ -36,8 +36,12 @@ Order
     for a run's lock while another replica appended to its log is refused and
     retried (``ledger_check_append_order``; a transition's guard on the run's
     ``last_sequence`` refuses it too). So the cursor's order is each run's
-    sequence order. A run's events are published one at a time in that order,
-    each ack awaited before the next; different runs are published concurrently.
+    sequence order. A run's events are sent back to back in that order on the
+    relay's one NATS connection, which JetStream stores in the order they
+    arrive, and their acks are awaited in that order (one write and one wait
+    for many events); different runs are published concurrently. An event that
+    cannot be sent (larger than the server takes) stops its run's sending for
+    the pass, and the cursor never moves past an event not acked.
     Should two relays ever overlap (a leader that lost its database session
     while a publish was in flight), each still publishes in order and the
     duplicate window keeps only the first copy, so per-run order still holds.
@@ -229,8 +233,8 @@ class EventRelay:
     async def publish_pending(self) -> int:
         """One pass: publish up to ``batch_size`` events after the cursor.
 
-        A run's events are published one at a time in order, each ack awaited
-        before the next; different runs are published concurrently. Returns how
+        A run's events are sent back to back in order and their acks awaited in
+        that order; different runs are published concurrently. Returns how
         many events were published and passed by the cursor (0 when another
         relay holds the lock). The cursor moves only past acked events; if a
         publish fails, the cursor moves past the events acked before the first
@@ -282,24 +286,46 @@ class EventRelay:
     async def _publish_run(
         self, conn: asyncpg.Connection, rows: list[Any], indexes: list[int], acked: list[bool]
     ) -> None:
+        if conn.is_closed():
+            raise ConnectionError("event relay lost its database session")
+        # Send the run's events back to back, in order, then await their acks in
+        # that order (see "Order"): one write and one wait for many events.
+        sent: list[tuple[int, str, asyncio.Future[Any]]] = []
+        failure: BaseException | None = None
         for index in indexes:
             row = rows[index]
-            if conn.is_closed():
-                raise ConnectionError("event relay lost its database session")
             event_id = str(row["event_id"])
             subject = self._streams.subject("events", subject_kind(row["type"]), row["run_id"])
-            ack = await self._js.publish(
-                subject,
-                published_event(row).SerializeToString(),
-                timeout=self.publish_timeout_s,
-                stream=self._streams.events,
-                headers={MSG_ID_HEADER: event_id, CONTENT_TYPE_HEADER: _CONTENT_TYPE},
-            )
-            if ack.duplicate:
-                log.debug("event %s was already in the stream", event_id)
-            if self._after_publish is not None:
-                await self._after_publish(event_id)
-            acked[index] = True
+            try:
+                future = await self._js.publish_async(
+                    subject,
+                    published_event(row).SerializeToString(),
+                    stream=self._streams.events,
+                    headers={MSG_ID_HEADER: event_id, CONTENT_TYPE_HEADER: _CONTENT_TYPE},
+                )
+            except Exception as exc:  # not sent (too large, connection closed): send no later one
+                failure = exc
+                break
+            sent.append((index, event_id, future))
+        try:
+            for position, (index, event_id, future) in enumerate(sent):
+                try:
+                    ack = await asyncio.wait_for(future, self.publish_timeout_s)
+                except BaseException:
+                    for _, _, later in sent[position + 1 :]:
+                        later.cancel()
+                    raise
+                if ack.duplicate:
+                    log.debug("event %s was already in the stream", event_id)
+                if self._after_publish is not None:
+                    await self._after_publish(event_id)
+                acked[index] = True
+        finally:
+            for _, _, future in sent:
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved: no "never retrieved" warning
+        if failure is not None:
+            raise failure
 
     async def _advance(self, conn: asyncpg.Connection, last: Any, count: int) -> None:
         cursor: Cursor = (last["xid"], last["run_id"], last["sequence"])

@@ -11,7 +11,7 @@ from google.protobuf.duration_pb2 import Duration
 from stepline.api.common.v1 import common_pb2, run_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
-from stepline.ledger import states
+from stepline.ledger import queries, states
 from stepline.ledger.relay import pending_count
 
 from .conftest import ACTOR, EXECUTOR, OPERATOR, Ledger, claimed_run, create_request
@@ -272,7 +272,6 @@ async def test_malformed_and_unknown_requests_change_nothing(ledger: Ledger) -> 
 
 
 async def test_history_lists_every_transition_in_order(ledger: Ledger) -> None:
-    from stepline.ledger import queries
 
     run_id, epoch = await claimed_run(ledger, steps=("a", "b"))
     store = ledger.store
@@ -350,6 +349,45 @@ async def test_cancel_of_a_claimed_run_waits_for_its_holder(ledger: Ledger) -> N
         pb.RenewClaimRequest(request_id=rid(), run_id=run_id, executor_id=EXECUTOR, epoch=epoch)
     )
     assert renewed.pending_control == run_pb2.CONTROL_ACTION_CANCEL
+
+
+async def test_a_claim_may_start_the_run_in_the_same_commit(ledger: Ledger) -> None:
+    store = ledger.store
+
+    def claim(run_id: str, request_id: str) -> pb.ClaimRunRequest:
+        return pb.ClaimRunRequest(
+            request_id=request_id, run_id=run_id, executor_id=EXECUTOR, start=True
+        )
+
+    started = (await store.create_run(create_request("start-1"))).run.run_id
+    claimed = await store.claim_run(claim(started, "c1"))
+    assert claimed.run.state == R.WORKFLOW_RUN_STATE_RUNNING
+    assert claimed.run.HasField("start_time")
+    history = await queries.get_run_history(ledger.pool, pb.GetRunHistoryRequest(run_id=started))
+    claimed_event, started_event = history.events[-2:]
+    assert claimed_event.type == E.RUN_EVENT_TYPE_CLAIMED
+    assert started_event.type == E.RUN_EVENT_TYPE_RUN_STATE_CHANGED
+    assert started_event.payload["reason"] == "claimed"
+    assert started_event.actor.id == EXECUTOR
+    # A run with a control action pending is claimed but not started.
+    waiting = (await store.create_run(create_request("start-2"))).run.run_id
+    first = await store.claim_run(
+        pb.ClaimRunRequest(request_id="c2", run_id=waiting, executor_id="other")
+    )
+    assert first.run.state == R.WORKFLOW_RUN_STATE_PENDING  # no start asked
+    await store.request_control(
+        pb.RequestControlRequest(
+            request_id=rid(), run_id=waiting, action=run_pb2.CONTROL_ACTION_CANCEL, actor=OPERATOR
+        )
+    )
+    await store.release_claim(
+        pb.ReleaseClaimRequest(
+            request_id=rid(), run_id=waiting, executor_id="other", epoch=first.claim.epoch
+        )
+    )
+    again = await store.claim_run(claim(waiting, "c3"))
+    assert again.run.state == R.WORKFLOW_RUN_STATE_PENDING
+    assert again.run.pending_control == run_pb2.CONTROL_ACTION_CANCEL
 
 
 async def test_a_task_transition_reports_the_pending_pause(ledger: Ledger) -> None:

@@ -175,6 +175,7 @@ class Ledger:
                 executor_id=self.executor_id,
                 lease_duration=duration(lease_s),
                 dispatch_epoch=dispatch_epoch,
+                start=not chunk_id,  # a PENDING run starts with its claim
             ),
         )
 

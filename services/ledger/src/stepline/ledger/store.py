@@ -268,12 +268,29 @@ class LedgerStore:
                 expire,
             )
             log = EventLog(request.run_id, run["last_sequence"])
+            holder = common_pb2.Principal(id=request.executor_id)
             log.add(
                 E.RUN_EVENT_TYPE_CLAIMED,
-                common_pb2.Principal(id=request.executor_id),
+                holder,
                 chunk_id=request.chunk_id,
                 payload={"epoch": epoch, "expire_time": expire.isoformat()},
             )
+            if (
+                request.start
+                and not request.chunk_id
+                and run["state"] == R.WORKFLOW_RUN_STATE_PENDING
+                and not run["pending_control"]
+            ):
+                await _apply_run_state(
+                    conn,
+                    run,
+                    log,
+                    R.WORKFLOW_RUN_STATE_RUNNING,
+                    actor=holder,
+                    failure=None,
+                    outputs=None,
+                    reason="claimed",
+                )
             response = pb.ClaimRunResponse(
                 run=await read_run(conn, request.run_id, view=run_pb2.RUN_VIEW_FULL)
             )

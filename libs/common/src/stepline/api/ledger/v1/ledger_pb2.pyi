@@ -376,6 +376,7 @@ class ClaimRunRequest(_message.Message):
     EXECUTOR_ID_FIELD_NUMBER: _builtins.int
     LEASE_DURATION_FIELD_NUMBER: _builtins.int
     DISPATCH_EPOCH_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key (e.g. the job's Nats-Msg-Id and delivery count)."""
     run_id: _builtins.str
@@ -387,6 +388,12 @@ class ClaimRunRequest(_message.Message):
     dispatch_epoch: _builtins.int
     """Dispatch epoch of the job being served; a job older than the current
     dispatch is refused with FAILED_PRECONDITION. 0 skips the check.
+    """
+    start: _builtins.bool
+    """Run claims only: also move a PENDING run with no pending control action
+    to RUNNING (reason "claimed", by the executor) in the same commit, as a
+    TransitionRun under the new epoch would; the response's run shows the
+    state it is in. Saves the holder a round trip before its first step.
     """
     @_builtins.property
     def lease_duration(self) -> _duration_pb2.Duration:
@@ -401,10 +408,11 @@ class ClaimRunRequest(_message.Message):
         executor_id: _builtins.str = ...,
         lease_duration: _duration_pb2.Duration | None = ...,
         dispatch_epoch: _builtins.int = ...,
+        start: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_id", b"chunk_id", "dispatch_epoch", b"dispatch_epoch", "executor_id", b"executor_id", "lease_duration", b"lease_duration", "request_id", b"request_id", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_id", b"chunk_id", "dispatch_epoch", b"dispatch_epoch", "executor_id", b"executor_id", "lease_duration", b"lease_duration", "request_id", b"request_id", "run_id", b"run_id", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -12,7 +12,10 @@ then measures with the same number of concurrent clients:
 3. with ``--grpc``, instead: the same through the real ledger service in a
    process of its own (``python -m stepline.ledger``: gRPC server, group
    committer and event relay, publishing every event to a nats-server that the
-   benchmark starts), the clients in this process calling it over loopback.
+   benchmark starts), the clients in this process calling it over loopback;
+   with ``--batched`` too, task transitions go as the executor sends them:
+   through one shared ``TransitionBatcher`` (``ApplyTransitions`` calls that
+   carry the transitions of every client waiting at the time).
 
 Prints transitions per second, p50/p99 latency and the ratio to plain inserts,
 and for each phase where the CPU went: this process (the ledger's store and
@@ -25,7 +28,7 @@ i.e. wrote no index entry); ``--profile`` runs the ledger phase under
 cProfile and prints its top functions.
 
     .venv/bin/python bench/ledger_bench.py [--clients 32] [--seconds 10] [--shards 4]
-        [--tables] [--profile] [--grpc]
+        [--tables] [--profile] [--grpc [--batched]]
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings
 from stepline.common.db import create_pool, load_migrations
 from stepline.common.jetstream import Streams, connect
+from stepline.executor.ledger import TransitionBatcher
 from stepline.ledger.committer import GroupCommitter
 from stepline.ledger.relay import pending_count
 from stepline.ledger.store import LedgerStore
@@ -309,6 +313,7 @@ class Options:
     tables: bool
     profile: bool
     profile_top: int
+    batched: bool = False
 
 
 async def ledger_store(
@@ -410,7 +415,14 @@ async def ledger_grpc(
     try:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
 
+        batcher = TransitionBatcher(stub)
+
         async def call(method: str, request: object) -> object:
+            if options.batched and isinstance(request, pb.TransitionTaskRequest):
+                result = await batcher.apply(pb.StepTransition(task=request))
+                if result.HasField("error"):
+                    raise RuntimeError(result.error.message)
+                return result.task
             return await getattr(stub, _RPC[method])(request)
 
         drivers = [RunDriver(call, n) for n in range(options.clients)]
@@ -423,6 +435,8 @@ async def ledger_grpc(
         )
         after = await snapshot(dsn, pg_pid, others=others)
         usage("ledger (gRPC)", before, after, ops, pg_known=pg_pid is not None)
+        if options.batched:
+            print(f"  ApplyTransitions: {batcher.items / max(batcher.calls, 1):.1f} items per call")
         # How far the relay was behind when the clients stopped, and how long it
         # takes to catch up.
         pool = await asyncpg.create_pool(
@@ -481,9 +495,20 @@ async def main() -> None:
         action="store_true",
         help="call the real ledger service (own process, with its event relay) over gRPC",
     )
+    parser.add_argument(
+        "--batched",
+        action="store_true",
+        help="with --grpc: task transitions in shared ApplyTransitions calls (as executors)",
+    )
     args = parser.parse_args()
     options = Options(
-        args.clients, args.seconds, args.shards, args.tables, args.profile, args.profile_top
+        args.clients,
+        args.seconds,
+        args.shards,
+        args.tables,
+        args.profile,
+        args.profile_top,
+        args.batched,
     )
 
     record = None

@@ -188,7 +188,7 @@ async def server() -> AsyncIterator[Server]:
     host.add(
         "stepline.api.scheduler.v1.SchedulerService",
         lambda s: scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(
-            Runs(fake),  # type: ignore[abstract]  # the schedule RPCs: no CLI command uses them
+            Runs(fake),  # type: ignore[abstract]  # schedule RPCs: tested against the mesh (test_schedules_commands.py)
             s,
         ),
     )

@@ -6,6 +6,7 @@ stepline run WORKFLOW                             start a run (runs.py)
 stepline runs list | show | history | wait | artifact | cancel | pause | resume | rerun
 stepline devices list | show | quarantine | release | bind | unbind   (devices.py)
 stepline approvals list | show | approve | reject                     (approvals.py)
+stepline schedules create | list | show | pause | resume | delete     (schedules.py)
 stepline phone ...                                a simulated phone (stepline.phone)
 
 Client commands exit 0 on success, 1 when ``run --wait`` or ``runs wait`` saw
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import grpc
 
-from stepline.cli import approvals, devices, mesh, runs, workflows
+from stepline.cli import approvals, devices, mesh, runs, schedules, workflows
 from stepline.cli.connect import ALL_SERVICES, ClientOptions, Clients
 from stepline.common.config import Env
 from stepline.common.errors import SteplineError
@@ -366,6 +367,88 @@ def _add_approval_commands(
         decide.set_defaults(client=handler)
 
 
+def _add_schedule_commands(
+    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+    common: argparse.ArgumentParser,
+) -> None:
+    group = commands.add_parser("schedules", help="cron schedules that start runs")
+    sub = group.add_subparsers(dest="schedules_command", required=True)
+    create = sub.add_parser(
+        "create", parents=[common], help="start a run of a workflow at each time a cron matches"
+    )
+    create.add_argument("workflow")
+    create.add_argument(
+        "--cron",
+        required=True,
+        metavar="EXPR",
+        help="five-field cron expression: minute hour day-of-month month day-of-week, "
+        'e.g. "0 9 * * 1-5"',
+    )
+    create.add_argument(
+        "--timezone",
+        metavar="TZ",
+        help="IANA time zone the expression is read in, e.g. Asia/Shanghai (default: UTC)",
+    )
+    create.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an input of every run; VALUE is JSON if it parses as JSON, else a string "
+        "(repeatable)",
+    )
+    create.add_argument("--input-json", metavar="JSON", help="inputs as one JSON object")
+    create.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="a label of every run"
+    )
+    create.add_argument(
+        "--version",
+        type=int,
+        default=0,
+        help="pin this version (default: the latest at each firing)",
+    )
+    create.add_argument(
+        "--overlap",
+        choices=sorted(schedules.OVERLAP),
+        default="skip",
+        help="when the previous run still goes at a firing: skip the firing (default) "
+        "or allow a second run",
+    )
+    create.add_argument("--description", help="what the schedule is for, for people")
+    create.add_argument("--paused", action="store_true", help="create it paused")
+    create.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="CreateSchedule request_id: the same key returns the same schedule "
+        "(default: a new UUID)",
+    )
+    create.add_argument(
+        "-q", "--quiet", action="store_true", help="print only the schedule id (for scripts)"
+    )
+    create.set_defaults(client=schedules.create)
+    listing = sub.add_parser("list", parents=[common], help="schedules, oldest first")
+    listing.add_argument("--workflow", help="only schedules of this workflow")
+    listing.set_defaults(client=schedules.list_schedules)
+    show = sub.add_parser(
+        "show", parents=[common], help="one schedule: timing, inputs and last firing"
+    )
+    show.add_argument("schedule_id")
+    show.set_defaults(client=schedules.show)
+    for name, handler, text in (
+        ("pause", schedules.pause, "stop a schedule from firing until resumed"),
+        ("resume", schedules.resume, "let a paused schedule fire again, from its next due time"),
+    ):
+        command = sub.add_parser(name, parents=[common], help=text)
+        command.add_argument("schedule_id")
+        command.add_argument("--reason", default="", help="why, for the audit log")
+        command.set_defaults(client=handler)
+    delete = sub.add_parser(
+        "delete", parents=[common], help="delete a schedule (the runs it started are kept)"
+    )
+    delete.add_argument("schedule_id")
+    delete.set_defaults(client=schedules.delete)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepline", description="Stepline workflow runtime")
     parser.add_argument(
@@ -407,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runs_commands(commands, common)
     _add_device_commands(commands, common)
     _add_approval_commands(commands, common)
+    _add_schedule_commands(commands, common)
     return parser
 
 

@@ -91,21 +91,36 @@ def backoff_s(policy: workflow_pb2.RetryPolicy, attempt: int) -> float:
     return min(delay, cap) if cap else delay
 
 
+def ended_state(why: common_pb2.Failure) -> common_pb2.TaskRunState.ValueType:
+    """The state an attempt ends in after ``why``: TIMED_OUT for the step's
+    timeout or the run's deadline, FAILED otherwise."""
+    timed_out = why.reason in (F.FAILURE_REASON_TIMEOUT, F.FAILURE_REASON_DEADLINE_EXCEEDED)
+    return T.TASK_RUN_STATE_TIMED_OUT if timed_out else T.TASK_RUN_STATE_FAILED
+
+
 async def invoke(
     call: Awaitable[Any],
     *,
     control: Control,
     timeout_s: float,
     deadline: float | None,
+    cancellable: bool = True,
 ) -> tuple[Any, common_pb2.Failure | None]:
-    """Run one attempt's call; ``(value, None)`` or ``(None, failure)``."""
+    """Run one attempt's call; ``(value, None)`` or ``(None, failure)``.
+
+    A cancel or the loss of the claim interrupts the call at once. With
+    ``cancellable=False`` only the loss of the claim does: a cancel lets the
+    call run to its end (or to its timeout) and its outcome stands. Cancelling
+    the task that awaits this (executor shutdown) interrupts the call either way.
+    """
     loop = asyncio.get_running_loop()
     limit = timeout_s or None
     run_left = None if deadline is None else max(deadline - loop.time(), 0.0)
     by_deadline = run_left is not None and (limit is None or run_left < limit)
     bound = run_left if by_deadline else limit
+    interrupt = control.stopper(cancellable=cancellable)
     task = asyncio.ensure_future(call)
-    stopper = asyncio.ensure_future(control.stop.wait())
+    stopper = asyncio.ensure_future(interrupt.wait())
     try:
         await asyncio.wait({task, stopper}, timeout=bound, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -114,7 +129,7 @@ async def invoke(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-    if task.done() and not task.cancelled() and not control.stop.is_set():
+    if task.done() and not task.cancelled() and not interrupt.is_set():
         exc = task.exception()
         if exc is None:
             return task.result(), None
@@ -125,7 +140,7 @@ async def invoke(
             return None, result
         log.info("verb raised %s: %s", type(exc).__name__, exc)
         return None, failure(F.FAILURE_REASON_VERB_ERROR, f"{type(exc).__name__}: {exc}")
-    if control.stop.is_set():
+    if interrupt.is_set():
         return None, failure(F.FAILURE_REASON_CANCELLED, control.reason or "the run was cancelled")
     if by_deadline:
         return None, failure(F.FAILURE_REASON_DEADLINE_EXCEEDED, "the run exceeded its run_timeout")
@@ -205,28 +220,41 @@ async def run_attempts(
     control: Control,
     deadline: float | None,
     pause_policy: bool,
+    cancellable: bool = True,
 ) -> tuple[Any, Halt | None]:
     """Run attempts from ``first`` (already open) until one succeeds or no retry
     is left. On success the attempt is left open for the caller to end with
-    the output; every other ending is written here."""
+    the output; every other ending is written here.
+
+    ``cancellable=False``: a cancel does not interrupt a running attempt (see
+    :func:`invoke`). A success is returned as usual (the run stops at the next
+    step boundary); a failure is recorded as the item's end (FAILED, or
+    TIMED_OUT for a timeout) without retry, and the sequence halts as cancelled.
+    """
     number = first
     timeout_s = seconds(step.timeout)
     while True:
         value, why = await invoke(
-            call(number), control=control, timeout_s=timeout_s, deadline=deadline
+            call(number),
+            control=control,
+            timeout_s=timeout_s,
+            deadline=deadline,
+            cancellable=cancellable,
         )
         if why is None:
             return value, None
         if control.lost:
             return None, Halt("lost")
         if control.cancelled:
-            await target.write(T.TASK_RUN_STATE_CANCELLED, failure=why)
+            if why.reason == F.FAILURE_REASON_CANCELLED:  # interrupted by the cancel
+                await target.write(T.TASK_RUN_STATE_CANCELLED, failure=why)
+            else:  # a verb that let the cancel wait ended unsuccessfully on its own
+                await target.write(ended_state(why), failure=why)
             return None, Halt("cancel", why)
         if why.reason == F.FAILURE_REASON_DEADLINE_EXCEEDED:
             await target.write(T.TASK_RUN_STATE_TIMED_OUT, failure=why)
             return None, Halt("deadline", why)
-        timed_out = why.reason == F.FAILURE_REASON_TIMEOUT
-        state = T.TASK_RUN_STATE_TIMED_OUT if timed_out else T.TASK_RUN_STATE_FAILED
+        state = ended_state(why)
         if not retryable(step.retry, why.reason, number):
             halt = await end_failed(target, number, state, why, pause_policy=pause_policy)
             return None, halt

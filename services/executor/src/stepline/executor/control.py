@@ -27,12 +27,15 @@ class Control:
     """What the holder of a claim must react to.
 
     ``stop`` is set on cancel or loss of the claim: a running verb is
-    interrupted at once. ``pause`` and ``draining`` are honoured at the next
-    step boundary.
+    interrupted at once, unless it was registered ``cancellable=False``: such a
+    verb is interrupted only by ``interrupt``, set on loss of the claim alone
+    (a cancel then takes effect at the step boundary after it). ``pause`` and
+    ``draining`` are honoured at the next step boundary.
     """
 
     def __init__(self) -> None:
         self.stop = asyncio.Event()
+        self.interrupt = asyncio.Event()
         self.cancelled = False
         self.lost = False
         self.pause = False
@@ -54,7 +57,13 @@ class Control:
 
     def lose(self) -> None:
         self.lost = True
+        self.interrupt.set()
         self.stop.set()
+
+    def stopper(self, *, cancellable: bool) -> asyncio.Event:
+        """The event that interrupts a running verb: ``stop`` for a cancellable
+        one, ``interrupt`` (loss of the claim) for one that is not."""
+        return self.stop if cancellable else self.interrupt
 
     def drain(self) -> None:
         self.draining = True

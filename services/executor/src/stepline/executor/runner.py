@@ -3,7 +3,10 @@
 Steps run in definition order; completed steps (SUCCEEDED, SKIPPED) are never
 run again and their outputs are reused. Between steps the run honours cancel,
 pause, drain and its deadline; a running verb is interrupted at once by a
-cancel or the loss of the claim.
+cancel or the loss of the claim. A verb registered ``cancellable=False`` is
+interrupted only by the loss of the claim (or executor shutdown): on a cancel
+it runs to its end, its outcome is recorded, and the run ends CANCELLED at the
+boundary after it.
 """
 
 from __future__ import annotations
@@ -314,7 +317,20 @@ class Execution:
             control=self.control,
             deadline=self.deadline,
             pause_policy=self.pause_policy,
+            cancellable=self.cancellable(step),
         )
+
+    def cancellable(self, step: workflow_pb2.Step) -> bool:
+        """Whether a cancel interrupts the verb that ``step``'s attempts run (an
+        atomic step's verb, a chunked step's generator)."""
+        which = step.WhichOneof("kind")
+        if which == "atomic":
+            name = step.atomic.verb
+        elif which == "chunked":
+            name = step.chunked.generator_verb
+        else:
+            return True
+        return self.worker.registry.interrupted_by_cancel(name, self.definition.allowed_verbs)
 
     async def atomic(self, step: workflow_pb2.Step, task: run_pb2.TaskRun) -> Halt | None:
         target = Target(self.fence, task.task_id)
@@ -444,6 +460,10 @@ class Execution:
 
     async def finish(self, halt: Halt | None) -> RunEnd:
         fence = self.fence
+        if halt is None and self.control.cancelled:
+            # A cancel that came while the last step ran (e.g. a verb that is
+            # not cancellable, run to its end) is honoured at the run's end too.
+            halt = Halt("cancel")
         if halt is None:
             await fence.transition_run(R.WORKFLOW_RUN_STATE_SUCCEEDED, outputs=self.last_output)
             return await self._released(

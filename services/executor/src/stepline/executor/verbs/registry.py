@@ -134,6 +134,14 @@ class VerbRegistry:
         """Raises VerbError (VERB_NOT_FOUND) for an unknown name."""
         return self._lookup(name, None).cancellable
 
+    def interrupted_by_cancel(self, name: str, allowed: Iterable[str]) -> bool:
+        """Whether a run's cancel interrupts ``name`` while it runs. A verb that
+        is not registered or that the workflow may not use counts as
+        cancellable: its attempt fails at once anyway."""
+        if name not in self or not is_allowed(name, allowed):
+            return True
+        return self.is_cancellable(name)
+
     @classmethod
     def default(
         cls,

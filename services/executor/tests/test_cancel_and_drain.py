@@ -32,10 +32,6 @@ T = common_pb2.TaskRunState
 F = common_pb2.FailureReason
 E = run_pb2.RunEventType
 C = run_pb2.ControlAction
-#: A job nak'd (or published) while a stopping executor's last pull request
-#: is still open on the server can land in that executor's client and wait
-#: out the ack wait before it is redelivered; keep that wait short here.
-ACK_WAIT_S = 2.0
 
 
 # -- test verbs and executors ------------------------------------------------
@@ -99,7 +95,9 @@ class Served:
 async def serving(
     mesh: Mesh, verbs: Verbs, executor_id: str, *, grace_s: float = 5.0, **overrides: Any
 ) -> AsyncIterator[Served]:
-    settings = mesh.settings(executor_id, **{"ack_wait_s": ACK_WAIT_S, **overrides})
+    # The default ack wait (30 s, beyond WAIT_S): a job must not sit in a
+    # stopping executor until it runs out.
+    settings = mesh.settings(executor_id, **overrides)
     settings = dataclasses.replace(
         settings, server=dataclasses.replace(settings.server, shutdown_grace_s=grace_s)
     )

@@ -62,6 +62,10 @@ class JobLoop:
         self.worker = worker
         self.subscription = subscription
         self.active: dict[asyncio.Task[None], Control] = {}
+        # Set when the executor stops taking jobs: the pull loop ends after its
+        # fetch in flight (no pull request is left open on the server to
+        # swallow a job) and naks what that fetch still brought.
+        self.stopping = asyncio.Event()
 
     def free(self) -> int:
         limit = self.worker.settings.max_concurrent_runs + self.worker.parked
@@ -69,7 +73,7 @@ class JobLoop:
 
     async def pull(self) -> None:
         changed = self.worker.capacity_changed
-        while True:
+        while not self.stopping.is_set():
             changed.clear()
             free = self.free()
             if free <= 0:
@@ -80,6 +84,10 @@ class JobLoop:
             except (nats.errors.TimeoutError, TimeoutError):
                 continue
             for msg in messages:
+                if self.stopping.is_set():  # back to the stream for another executor
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
+                    continue
                 control = Control()
                 task = asyncio.create_task(self.handle(msg, control), name=f"job-{msg.subject}")
                 self.active[task] = control
@@ -200,10 +208,23 @@ async def running(
                 yield host
             finally:
                 log.info("executor %s draining", settings.executor_id)
-                puller.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await puller
-                await loop.drain(settings.server.shutdown_grace_s)
+                loop.stopping.set()
+                worker.capacity_changed.set()  # wake a pull loop waiting for room
+                await asyncio.gather(
+                    _stop_pulling(puller), loop.drain(settings.server.shutdown_grace_s)
+                )
+
+
+async def _stop_pulling(puller: asyncio.Task[None]) -> None:
+    """Let the pull loop end after its fetch in flight; cut it off if that hangs."""
+    try:
+        await asyncio.wait_for(asyncio.shield(puller), FETCH_TIMEOUT_S + 5)
+    except TimeoutError:
+        puller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await puller
+    except Exception:
+        log.exception("the executor's pull loop failed")
 
 
 async def serve(settings: ExecutorSettings) -> None:

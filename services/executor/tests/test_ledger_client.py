@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
+import asyncpg
 import pytest
 
-from stepline.api.common.v1 import common_pb2
+from stepline.api.common.v1 import common_pb2, run_pb2
+from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings
 from stepline.common.errors import FailedPrecondition, NotFound
@@ -44,7 +47,9 @@ async def test_concurrent_transitions_share_calls_and_are_answered_apart(mesh: M
             return_exceptions=True,
         )
         assert isinstance(outcomes[0], FailedPrecondition)
-        assert outcomes[1:-1] == [None] * 23
+        started = outcomes[1:-1]
+        assert all(isinstance(o, pb.StepTransitionResult) for o in started)
+        assert {o.task.task.state for o in started} == {T.TASK_RUN_STATE_RUNNING}  # type: ignore[union-attr]
         assert isinstance(outcomes[-1], NotFound)
         batcher = ledger.transitions
         assert batcher.items == 25
@@ -68,3 +73,41 @@ async def test_a_lone_transition_is_sent_at_once(mesh: Mesh) -> None:
         assert (ledger.transitions.calls, ledger.transitions.items) == (2, 2)
         with pytest.raises(FailedPrecondition):  # a terminal task moves no more
             await fence.transition_step(f"{fence.run_id}/a", T.TASK_RUN_STATE_SKIPPED)
+
+
+async def test_a_step_end_travels_with_the_next_step_start(mesh: Mesh, database_url: str) -> None:
+    """Between two atomic steps, the end of one and the start of the next are
+    one call and one commit (the events of both carry the same xid); the last
+    step's end is committed before the run's."""
+    steps = [atomic(name, "core.echo", {"step": name}) for name in ("a", "b", "c")]
+    async with mesh.executor():
+        run_id = await mesh.start(workflow(*steps))
+        run = await mesh.wait_run(run_id)
+    assert run.state == common_pb2.WORKFLOW_RUN_STATE_SUCCEEDED
+    assert [t.state for t in run.tasks] == [T.TASK_RUN_STATE_SUCCEEDED] * 3
+    assert [dict(t.output) for t in run.tasks] == [{"step": n} for n in ("a", "b", "c")]
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT xid::text AS xid, task_id, payload FROM ledger.events"
+            " WHERE run_id = $1 AND type = $2 ORDER BY sequence",
+            run_id,
+            run_pb2.RUN_EVENT_TYPE_TASK_STATE_CHANGED,
+        )
+    finally:
+        await conn.close()
+    changes = [
+        (r["task_id"].rsplit("/", 1)[1], json.loads(r["payload"])["to_state"], r["xid"])
+        for r in rows
+    ]
+    assert [(step, state) for step, state, _ in changes] == [
+        ("a", "RUNNING"),
+        ("a", "SUCCEEDED"),
+        ("b", "RUNNING"),
+        ("b", "SUCCEEDED"),
+        ("c", "RUNNING"),
+        ("c", "SUCCEEDED"),
+    ]
+    xids = [xid for _, _, xid in changes]
+    assert xids[1] == xids[2] and xids[3] == xids[4]  # a ends with b's start, b with c's
+    assert xids[0] != xids[1] and xids[4] != xids[5]

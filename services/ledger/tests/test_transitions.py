@@ -412,6 +412,39 @@ async def test_a_task_transition_reports_the_pending_pause(ledger: Ledger) -> No
     assert run["pending_control"] == run_pb2.CONTROL_ACTION_UNSPECIFIED
 
 
+async def test_a_step_does_not_start_while_a_control_action_is_pending(ledger: Ledger) -> None:
+    store = ledger.store
+    run_id, epoch = await claimed_run(ledger)
+    await store.transition_run(run_request(run_id, epoch, R.WORKFLOW_RUN_STATE_RUNNING))
+    await store.request_control(
+        pb.RequestControlRequest(
+            request_id=rid(), run_id=run_id, action=run_pb2.CONTROL_ACTION_PAUSE, actor=OPERATOR
+        )
+    )
+    before = await _snapshot(ledger, run_id)
+    start = task_request(run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
+    start.unless_control_pending = True
+    held = await store.transition_task(start)
+    assert held.task.state == T.TASK_RUN_STATE_PENDING
+    assert held.pending_control == run_pb2.CONTROL_ACTION_PAUSE
+    assert await _snapshot(ledger, run_id) == before  # nothing applied, no event
+    wrong = task_request(run_id, epoch, "a", T.TASK_RUN_STATE_SKIPPED)
+    wrong.unless_control_pending = True
+    with pytest.raises(InvalidArgument, match="only for state TASK_RUN_STATE_RUNNING"):
+        await store.transition_task(wrong)
+    # Once the pause is withdrawn, the same kind of request starts the step.
+    await store.request_control(
+        pb.RequestControlRequest(
+            request_id=rid(), run_id=run_id, action=run_pb2.CONTROL_ACTION_RESUME, actor=OPERATOR
+        )
+    )
+    again = task_request(run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
+    again.unless_control_pending = True
+    started = await store.transition_task(again)
+    assert started.task.state == T.TASK_RUN_STATE_RUNNING
+    assert started.pending_control == run_pb2.CONTROL_ACTION_UNSPECIFIED
+
+
 @pytest.mark.parametrize("waiting", [R.WORKFLOW_RUN_STATE_SUSPENDED, R.WORKFLOW_RUN_STATE_PAUSED])
 async def test_cancel_of_a_waiting_run_applies_even_while_claimed(
     ledger: Ledger, waiting: int

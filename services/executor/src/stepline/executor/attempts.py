@@ -56,8 +56,8 @@ class Target:
     owner_id: str
     chunk: bool = False
 
-    async def write(self, state: int, **kwargs: Any) -> None:
-        await self.fence.transition_step(self.owner_id, state, chunk=self.chunk, **kwargs)
+    async def write(self, state: int, **kwargs: Any) -> pb.StepTransitionResult:
+        return await self.fence.transition_step(self.owner_id, state, chunk=self.chunk, **kwargs)
 
 
 def to_dict(message: Any) -> dict[str, Any]:
@@ -153,14 +153,27 @@ async def start(
     item: run_pb2.TaskRun | run_pb2.ChunkRun,
     *,
     pause_policy: bool,
+    after: pb.StepTransition | None = None,
 ) -> int | Halt:
     """Open the attempt to run next: the first one for a PENDING item; for a
     RUNNING one, a new attempt after an interruption (``executor_lost``) or
     after a failure that paused the run (``operator_resume``). Returns its
-    number, or the Halt when an interrupted step may not run again."""
+    number, or the Halt when an interrupted step may not run again. ``after``
+    (the previous step's end, not yet sent) is sent first, in the same call.
+
+    A PENDING task starts only if no control action is pending for its run
+    (``unless_control_pending``): a pause or cancel asked for while the
+    previous step ran is honoured here, even before its event arrives."""
     if item.state == T.TASK_RUN_STATE_PENDING:
-        await target.write(T.TASK_RUN_STATE_RUNNING)
+        result = await target.write(
+            T.TASK_RUN_STATE_RUNNING, after=after, unless_control_pending=not target.chunk
+        )
+        if not target.chunk and result.task.task.state == T.TASK_RUN_STATE_PENDING:
+            pending = result.task.pending_control
+            return Halt("cancel" if pending == run_pb2.CONTROL_ACTION_CANCEL else "pause")
         return 1
+    if after is not None:
+        await target.fence.apply_changes([after])
     last = item.attempts[-1] if item.attempts else None
     number = last.attempt_number if last is not None else 0
     if last is None or last.state != T.TASK_RUN_STATE_RUNNING:

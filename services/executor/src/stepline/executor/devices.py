@@ -384,6 +384,10 @@ class DeviceSpans:
             for inner in steps[index : end + 1]:
                 self._spans.setdefault(inner.id, span)
 
+    def covers(self, step_id: str) -> bool:
+        """Whether ``step_id`` runs in a device span."""
+        return step_id in self._spans
+
     async def run(
         self,
         step: workflow_pb2.Step,

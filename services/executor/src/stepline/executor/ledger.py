@@ -14,6 +14,7 @@ are retried a few times for that reason.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -62,6 +63,9 @@ def duration(seconds: float) -> Duration:
     return result
 
 
+_Group = tuple[list[pb.StepTransition], list["asyncio.Future[pb.StepTransitionResult]"]]
+
+
 class TransitionBatcher:
     """Sends task and chunk transitions in shared ``ApplyTransitions`` calls.
 
@@ -70,7 +74,8 @@ class TransitionBatcher:
     while ``max_in_flight`` calls are out, new ones wait and leave together in
     the next call. At low load every transition has its own call, with no
     added wait; under load one call carries the transitions of many runs, and
-    the ledger's per-call cost is shared by them.
+    the ledger's per-call cost is shared by them. Transitions given together
+    (:meth:`apply_all`) always travel in one call, in their order.
     """
 
     def __init__(
@@ -83,42 +88,66 @@ class TransitionBatcher:
         self._stub = stub
         self._max_items = max_items
         self._max_in_flight = max_in_flight
-        self._waiting: list[tuple[pb.StepTransition, asyncio.Future[pb.StepTransitionResult]]] = []
+        self._waiting: collections.deque[_Group] = collections.deque()
         self._senders = 0
+        self._sending: set[asyncio.Task[None]] = set()
         self.calls = 0
         self.items = 0
 
     async def apply(self, item: pb.StepTransition) -> pb.StepTransitionResult:
         """The item's result; raises the call's ``AioRpcError`` if the call failed."""
-        future: asyncio.Future[pb.StepTransitionResult] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item, future))
+        (result,) = await self.apply_all([item])
+        return result
+
+    async def apply_all(self, items: list[pb.StepTransition]) -> list[pb.StepTransitionResult]:
+        """The items' results, the items sent in order in one call; raises the
+        call's ``AioRpcError`` if the call failed."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[pb.StepTransitionResult]] = [
+            loop.create_future() for _ in items
+        ]
+        self._waiting.append((list(items), futures))
         if self._senders < self._max_in_flight:
             self._senders += 1
-            asyncio.get_running_loop().create_task(self._send())
-        return await future
+            sender = loop.create_task(self._send())
+            self._sending.add(sender)  # held until done (the loop keeps only weak references)
+            sender.add_done_callback(self._sending.discard)
+        return [await future for future in futures]
+
+    def _next_batch(self) -> _Group:
+        """Whole groups from the front, up to ``max_items`` items (at least one group)."""
+        items: list[pb.StepTransition] = []
+        futures: list[asyncio.Future[pb.StepTransitionResult]] = []
+        while self._waiting and (
+            not items or len(items) + len(self._waiting[0][0]) <= self._max_items
+        ):
+            group_items, group_futures = self._waiting.popleft()
+            items.extend(group_items)
+            futures.extend(group_futures)
+        return items, futures
 
     async def _send(self) -> None:
         try:
             await asyncio.sleep(0)  # let transitions made ready in this turn join
             while self._waiting:
-                batch = self._waiting[: self._max_items]
-                del self._waiting[: self._max_items]
-                request = pb.ApplyTransitionsRequest(transitions=[item for item, _ in batch])
+                items, futures = self._next_batch()
                 self.calls += 1
-                self.items += len(batch)
+                self.items += len(items)
                 try:
-                    response = await self._stub.ApplyTransitions(request)
+                    response = await self._stub.ApplyTransitions(
+                        pb.ApplyTransitionsRequest(transitions=items)
+                    )
                 except grpc.aio.AioRpcError as exc:
-                    for _, future in batch:
+                    for future in futures:
                         if not future.done():
                             future.set_exception(exc)
                     continue
                 except BaseException as exc:  # cancelled (shutdown) or a bug: fail them all
-                    for _, future in batch:
+                    for future in futures:
                         if not future.done():
                             future.set_exception(exc)
                     raise
-                for (_, future), result in zip(batch, response.results, strict=True):
+                for future, result in zip(futures, response.results, strict=True):
                     if not future.done():
                         future.set_result(result)
         finally:
@@ -134,13 +163,17 @@ class Ledger:
         self.actor = common_pb2.Principal(id=executor_id, roles=["service"])
         self.transitions = TransitionBatcher(self.stub)
 
-    async def apply_transition(self, item: pb.StepTransition) -> pb.StepTransitionResult:
-        """One task or chunk transition, through the batcher; an item the ledger
-        refused raises its Stepline error (use with :meth:`call` for retries)."""
-        result = await self.transitions.apply(item)
-        if result.HasField("error"):
-            raise from_status_number(result.error.code, result.error.message)
-        return result
+    async def apply_transitions(
+        self, items: list[pb.StepTransition]
+    ) -> list[pb.StepTransitionResult]:
+        """Task or chunk transitions, in order in one call through the batcher;
+        the first item the ledger refused raises its Stepline error (use with
+        :meth:`call` for retries: a replay of applied items is a no-op)."""
+        results = await self.transitions.apply_all(items)
+        for result in results:
+            if result.HasField("error"):
+                raise from_status_number(result.error.code, result.error.message)
+        return results
 
     async def call(self, method: Callable[[Any], Awaitable[Resp]], request: Any) -> Resp:
         for attempt in range(_RETRIES):
@@ -281,8 +314,46 @@ class Fence:
         failure: common_pb2.Failure | None = None,
         child_run_id: str = "",
         chunk: bool = False,
-    ) -> None:
-        """Change a task (or, with ``chunk``, a chunk) and/or record an attempt."""
+        after: pb.StepTransition | None = None,
+        unless_control_pending: bool = False,
+    ) -> pb.StepTransitionResult:
+        """Change a task (or, with ``chunk``, a chunk) and/or record an attempt;
+        with ``after``, that change first, in the same call. Returns the
+        change's result."""
+        item = self.step_change(
+            owner_id,
+            state,
+            attempt=attempt,
+            output=output,
+            failure=failure,
+            child_run_id=child_run_id,
+            chunk=chunk,
+        )
+        if unless_control_pending:
+            item.task.unless_control_pending = True
+        results = await self.apply_changes([item] if after is None else [after, item])
+        return results[-1]
+
+    async def apply_changes(self, items: list[pb.StepTransition]) -> list[pb.StepTransitionResult]:
+        """Send changes made by :meth:`step_change`, in order, in one call."""
+        results = await self.ledger.call(self.ledger.apply_transitions, items)
+        for result in results:
+            if result.task.pending_control and self.on_control is not None:
+                self.on_control(result.task.pending_control)
+        return results
+
+    def step_change(
+        self,
+        owner_id: str,
+        state: int,
+        *,
+        attempt: pb.AttemptUpdate | None = None,
+        output: Mapping[str, Any] | None = None,
+        failure: common_pb2.Failure | None = None,
+        child_run_id: str = "",
+        chunk: bool = False,
+    ) -> pb.StepTransition:
+        """The change :meth:`transition_step` sends, to send later."""
         marker = f"a{attempt.attempt_number}{T.Name(attempt.state)}" if attempt is not None else ""
         request_id = self._id(owner_id, T.Name(state), marker, "child" if child_run_id else "")  # type: ignore[arg-type]
         common: dict[str, Any] = {
@@ -297,18 +368,14 @@ class Fence:
         if output is not None:
             common["output"] = struct(output)
         if chunk:
-            item = pb.StepTransition(
+            return pb.StepTransition(
                 chunk=pb.TransitionChunkRequest(
                     chunk_id=owner_id, use_run_claim=not self.chunk_id, **common
                 )
             )
-        else:
-            item = pb.StepTransition(
-                task=pb.TransitionTaskRequest(task_id=owner_id, child_run_id=child_run_id, **common)
-            )
-        result = await self.ledger.call(self.ledger.apply_transition, item)
-        if result.task.pending_control and self.on_control is not None:
-            self.on_control(result.task.pending_control)
+        return pb.StepTransition(
+            task=pb.TransitionTaskRequest(task_id=owner_id, child_run_id=child_run_id, **common)
+        )
 
     async def create_chunks(
         self, task_id: str, records: list[Mapping[str, Any]], *, batch: int = 500

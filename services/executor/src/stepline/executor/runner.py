@@ -151,6 +151,8 @@ async def execute_claimed(
     except asyncio.CancelledError:
         log.info("run interrupted by shutdown; releasing its claim")
         with contextlib.suppress(SteplineError):
+            await asyncio.shield(execution.flush_carry())
+        with contextlib.suppress(SteplineError):
             await asyncio.shield(fence.release("shutdown"))
         raise
 
@@ -179,6 +181,10 @@ class Execution:
         self.last_output: dict[str, Any] = {}
         self.pause_policy = self.definition.failure_policy == workflow_pb2.FAILURE_POLICY_PAUSE_RUN
         self.devices = DeviceSpans(worker.devices, fence, executor_id=worker.settings.executor_id)
+        # A step's end not sent yet: it goes with the next step's start, in one
+        # call and one commit, when nothing happens between them (see _may_carry).
+        self.carry: pb.StepTransition | None = None
+        self._carry_step = ""  # the step whose end may be carried
 
     @property
     def run_id(self) -> str:
@@ -238,7 +244,7 @@ class Execution:
         self, steps: Any, prefix: str, siblings_failed: asyncio.Event | None
     ) -> Halt | None:
         self.devices.plan(steps)
-        for step in steps:
+        for index, step in enumerate(steps):
             path = prefix + step.id
             task = self.tasks[path]
             if task.state in DONE:
@@ -249,19 +255,57 @@ class Execution:
                 T.TASK_RUN_STATE_RUNNING,
                 T.TASK_RUN_STATE_SUSPENDED,  # a GOVERN step waiting for its decision
             ):
+                await self.flush_carry()
                 return Halt("failed", task.failure, task.state)
             halt = self.boundary()
             if halt is None and siblings_failed is not None and siblings_failed.is_set():
                 halt = Halt("skipped")
             if halt is None:
+                following = steps[index + 1] if index + 1 < len(steps) else None
+                carry = siblings_failed is None and self._may_carry(prefix, step, following)
+                self._carry_step = path if carry else ""
                 with log_context(task_id=task.task_id):
                     halt = await self.step(step, path, task)
+            if halt is not None and halt.kind == "lost":
+                self.carry = None  # the ledger refuses this holder's writes now
+            if halt is not None:
+                await self.flush_carry()
             await self.devices.passed(step.id, halt)
             if halt is not None:
                 return halt
             if step.id in self.outputs:
                 self._record_output(step.id, self.outputs[step.id], top=not prefix)
+        await self.flush_carry()
         return None
+
+    def _may_carry(
+        self, prefix: str, step: workflow_pb2.Step, following: workflow_pb2.Step | None
+    ) -> bool:
+        """Whether ``step``'s end may travel with ``following``'s start: two
+        atomic steps of the run's own sequence (not a parallel branch), the next
+        one not started, neither holding a device (whose release or lease would
+        come between)."""
+        if prefix or following is None:
+            return False
+        if step.WhichOneof("kind") != "atomic" or following.WhichOneof("kind") != "atomic":
+            return False
+        nxt = self.tasks.get(following.id)
+        return (
+            nxt is not None
+            and nxt.state == T.TASK_RUN_STATE_PENDING
+            and not self.devices.covers(step.id)
+            and not self.devices.covers(following.id)
+        )
+
+    def take_carry(self) -> pb.StepTransition | None:
+        carry, self.carry = self.carry, None
+        return carry
+
+    async def flush_carry(self) -> None:
+        """Send the carried step end now (before anything else happens)."""
+        carry = self.take_carry()
+        if carry is not None:
+            await self.fence.apply_changes([carry])
 
     def _record_output(self, step_id: str, output: dict[str, Any], *, top: bool) -> None:
         self.outputs[step_id] = output
@@ -306,7 +350,9 @@ class Execution:
         task: run_pb2.TaskRun,
         call: Callable[[int], Awaitable[Any]],
     ) -> tuple[Any, Halt | None]:
-        first = await start(target, step, task, pause_policy=self.pause_policy)
+        first = await start(
+            target, step, task, pause_policy=self.pause_policy, after=self.take_carry()
+        )
         if isinstance(first, Halt):
             return None, first
         return await run_attempts(
@@ -345,7 +391,12 @@ class Execution:
         output, halt = await self.attempts(target, step, task, call)
         if halt is not None:
             return halt
-        await target.write(T.TASK_RUN_STATE_SUCCEEDED, output=output)
+        if self._carry_step == task.step_path:  # sent with the next step's start
+            self.carry = self.fence.step_change(
+                task.task_id, T.TASK_RUN_STATE_SUCCEEDED, output=output
+            )
+        else:
+            await target.write(T.TASK_RUN_STATE_SUCCEEDED, output=output)
         self.outputs[step.id] = output
         return None
 
@@ -460,6 +511,7 @@ class Execution:
 
     async def finish(self, halt: Halt | None) -> RunEnd:
         fence = self.fence
+        await self.flush_carry()
         if halt is None and self.control.cancelled:
             # A cancel that came while the last step ran (e.g. a verb that is
             # not cancellable, run to its end) is honoured at the run's end too.

@@ -424,6 +424,8 @@ class LedgerStore:
         require(request.task_id, "task_id")
         principal(request.actor)
         validate_step_change(request.state, request.failure, request.output, request.attempt)
+        if request.unless_control_pending and request.state != T.TASK_RUN_STATE_RUNNING:
+            raise InvalidArgument("unless_control_pending is only for state TASK_RUN_STATE_RUNNING")
         return await self.committer.submit(request.run_id, TaskTransition(request))
 
     async def transition_chunk(

@@ -100,6 +100,10 @@ def request_event_id(run_id: str, method: str, request_id: str) -> str:
     return name_based_id(_REQUEST_EVENTS, f"{run_id}\n{method}\n{request_id}")
 
 
+# Control actions a step does not start under (``unless_control_pending``).
+_HOLDING = frozenset({run_pb2.CONTROL_ACTION_PAUSE, run_pb2.CONTROL_ACTION_CANCEL})
+
+
 class StepUnit:
     """The rows one batch of step transitions reads and writes."""
 
@@ -500,6 +504,9 @@ class _StepTransition(UnitOperation[Any]):
             raise FailedPrecondition(
                 f"run {request.run_id} is {states.run_state_name(run['state'])}"
             )
+        if run["pending_control"] in _HOLDING and getattr(request, "unless_control_pending", False):
+            # Not started: the response shows the task as it is and the action.
+            return self.response(unit, owner, run["last_sequence"])
         log = EventLog(request.run_id, run["last_sequence"], self.event_id)
         sequence = unit.apply_step_change(
             log,

@@ -746,6 +746,7 @@ class TransitionTaskRequest(_message.Message):
     FAILURE_FIELD_NUMBER: _builtins.int
     CHILD_RUN_ID_FIELD_NUMBER: _builtins.int
     APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    UNLESS_CONTROL_PENDING_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key (e.g. `<task_id>:<attempt>:<state>`)."""
     run_id: _builtins.str
@@ -760,6 +761,12 @@ class TransitionTaskRequest(_message.Message):
     """Child run created for a WorkflowRef step."""
     approval_id: _builtins.str
     """Approval request created for a GOVERN step (with SUSPENDED)."""
+    unless_control_pending: _builtins.bool
+    """With state RUNNING only: if the run has a control action pending (a pause
+    or cancel asked for), apply nothing and answer with the task as it is and
+    pending_control set, so that the holder honours it at this step boundary
+    instead of starting the step.
+    """
     @_builtins.property
     def actor(self) -> _common_pb2.Principal:
         """Who causes the change."""
@@ -790,10 +797,11 @@ class TransitionTaskRequest(_message.Message):
         failure: _common_pb2.Failure | None = ...,
         child_run_id: _builtins.str = ...,
         approval_id: _builtins.str = ...,
+        unless_control_pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "attempt", b"attempt", "failure", b"failure", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "approval_id", b"approval_id", "attempt", b"attempt", "child_run_id", b"child_run_id", "epoch", b"epoch", "failure", b"failure", "output", b"output", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "approval_id", b"approval_id", "attempt", b"attempt", "child_run_id", b"child_run_id", "epoch", b"epoch", "failure", b"failure", "output", b"output", "request_id", b"request_id", "run_id", b"run_id", "state", b"state", "task_id", b"task_id", "unless_control_pending", b"unless_control_pending"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

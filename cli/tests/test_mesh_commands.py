@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from stepline.cli import mesh
-from stepline.cli.__main__ import run_async
+
+from .conftest import Cli, json_of, started_mesh
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 WAIT_S = 60.0
@@ -44,35 +43,8 @@ steps:
 
 @pytest.fixture(scope="module")
 def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[mesh.MeshState]:
-    state_dir = tmp_path_factory.mktemp("mesh")
-    started = mesh.up(state_dir, phones=2, env=SETTINGS, progress=lambda _msg: None)
-    try:
+    with started_mesh(tmp_path_factory, phones=2, env=SETTINGS) as started:
         yield started
-    finally:
-        mesh.down(state_dir, progress=lambda _msg: None)
-
-
-Cli = Callable[..., Awaitable[tuple[int, str, str]]]
-
-
-@pytest.fixture
-def cli(state: mesh.MeshState, capsys: pytest.CaptureFixture[str]) -> Cli:
-    """``await cli("devices", "list", "--as", "operator")`` -> (status, stdout, stderr),
-    with the mesh found through its state directory only."""
-
-    async def call(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = await run_async(["--state-dir", str(state.state_dir), *argv], environ={})
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return call
-
-
-async def json_of(cli: Cli, *argv: str) -> Any:
-    code, out, err = await cli(*argv, "--json")
-    assert code == 0, err
-    return json.loads(out)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:

@@ -9,16 +9,16 @@ year at most, so none fires while a test looks at it.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from stepline.cli import mesh, schedules
-from stepline.cli.__main__ import run_async
+
+from .conftest import Cli, json_of, started_mesh
 
 #: 01:30 UTC on 1 July: 09:30 in Shanghai (UTC+8, no summer time)
 CRON = "30 9 1 7 *"
@@ -40,29 +40,8 @@ MISSING = "00000000-0000-0000-0000-000000000000"
 
 @pytest.fixture(scope="module")
 def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[mesh.MeshState]:
-    state_dir = tmp_path_factory.mktemp("mesh")
-    started = mesh.up(state_dir, phones=0, progress=lambda _msg: None)
-    try:
+    with started_mesh(tmp_path_factory, phones=0) as started:
         yield started
-    finally:
-        mesh.down(state_dir, progress=lambda _msg: None)
-
-
-Cli = Callable[..., Awaitable[tuple[int, str, str]]]
-
-
-@pytest.fixture
-def cli(state: mesh.MeshState, capsys: pytest.CaptureFixture[str]) -> Cli:
-    """``await cli("schedules", "list")`` -> (status, stdout, stderr), with the
-    mesh found through its state directory only."""
-
-    async def call(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = await run_async(["--state-dir", str(state.state_dir), *argv], environ={})
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return call
 
 
 @pytest.fixture
@@ -74,12 +53,6 @@ async def workflow(cli: Cli, tmp_path: Path, request: pytest.FixtureRequest) -> 
     code, out, err = await cli("workflows", "apply", str(source))
     assert (code, out) == (0, f"workflow {name} version 1 created\n"), err
     return name
-
-
-async def json_of(cli: Cli, *argv: str) -> Any:
-    code, out, err = await cli(*argv, "--json")
-    assert code == 0, err
-    return json.loads(out)
 
 
 async def listed(cli: Cli, workflow: str) -> list[dict[str, Any]]:

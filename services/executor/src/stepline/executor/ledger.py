@@ -309,26 +309,14 @@ class Fence:
         owner_id: str,
         state: int,
         *,
-        attempt: pb.AttemptUpdate | None = None,
-        output: Mapping[str, Any] | None = None,
-        failure: common_pb2.Failure | None = None,
-        child_run_id: str = "",
-        chunk: bool = False,
         after: pb.StepTransition | None = None,
         unless_control_pending: bool = False,
+        **change: Any,
     ) -> pb.StepTransitionResult:
-        """Change a task (or, with ``chunk``, a chunk) and/or record an attempt;
-        with ``after``, that change first, in the same call. Returns the
-        change's result."""
-        item = self.step_change(
-            owner_id,
-            state,
-            attempt=attempt,
-            output=output,
-            failure=failure,
-            child_run_id=child_run_id,
-            chunk=chunk,
-        )
+        """Change a task (or, with ``chunk``, a chunk) and/or record an attempt
+        (``change``: the arguments of :meth:`step_change`); with ``after``, that
+        change first, in the same call. Returns the change's result."""
+        item = self.step_change(owner_id, state, **change)
         if unless_control_pending:
             item.task.unless_control_pending = True
         results = await self.apply_changes([item] if after is None else [after, item])

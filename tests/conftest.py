@@ -26,13 +26,17 @@ Fixtures (all session-scoped):
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from stepline.cli import mesh
+from stepline.common import embedded
+from stepline.common.client import check_health
 
 EXECUTORS = 2
 PHONES = 2
@@ -105,3 +109,37 @@ def webhook_secrets(mesh_state: mesh.MeshState) -> dict[str, str]:
 def phone_addresses(mesh_state: mesh.MeshState) -> list[str]:
     """The simulated phones' ``host:port`` (their adb serials)."""
     return mesh_state.phones
+
+
+# --- killing an executor and bringing it back (tests that kill one run last) --
+
+
+def executor_record(state: mesh.MeshState, executor_id: str) -> embedded.ProcessRecord:
+    """The mesh's process record of an executor (its id as `stepline up` sets it)."""
+    for record in state.components:
+        name = record.name if record.name[-1].isdigit() else f"{record.name}-1"
+        if record.name.startswith("executor") and name == executor_id:
+            return record
+    raise AssertionError(f"no executor {executor_id!r} in the mesh")
+
+
+async def restart_executor(
+    state: mesh.MeshState, record: embedded.ProcessRecord, env: dict[str, str]
+) -> None:
+    """Start a killed executor again as `stepline up` did, so that later tests
+    find the mesh whole."""
+    fresh = embedded.spawn(
+        record.name,
+        [sys.executable, "-m", "stepline.executor"],
+        log_path=Path(record.log),
+        endpoint=record.endpoint,
+        port=record.port,
+        env=env,
+    )
+    state.components[state.components.index(record)] = fresh
+    state.save()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while not await check_health(fresh.endpoint, timeout_s=1.0):
+        assert loop.time() < deadline, f"executor {record.name} did not come back"
+        await asyncio.sleep(0.2)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -37,10 +36,11 @@ from stepline.api.scheduler.v1 import scheduler_service_pb2 as spb
 from stepline.api.scheduler.v1 import scheduler_service_pb2_grpc, workflow_service_pb2_grpc
 from stepline.api.scheduler.v1 import workflow_service_pb2 as wpb
 from stepline.cli import mesh
-from stepline.common import embedded
-from stepline.common.client import check_health, open_channel
+from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings
 from stepline.common.states import RUN_TERMINAL
+
+from .conftest import executor_record, restart_executor
 
 R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
@@ -296,44 +296,13 @@ async def test_approval_latency_shows_in_the_ledger_stats(api: Api) -> None:
 # --- losing the executor of a suspended run (last: it kills one) -------------------
 
 
-def _record(state: mesh.MeshState, executor_id: str) -> embedded.ProcessRecord:
-    """The mesh's process record of an executor (its id as `stepline up` sets it)."""
-    for record in state.components:
-        name = record.name if record.name[-1].isdigit() else f"{record.name}-1"
-        if record.name.startswith("executor") and name == executor_id:
-            return record
-    raise AssertionError(f"no executor {executor_id!r} in the mesh")
-
-
-async def _restart(
-    state: mesh.MeshState, record: embedded.ProcessRecord, env: dict[str, str]
-) -> None:
-    """Start a killed executor again as `stepline up` did, so that later tests
-    find the mesh whole."""
-    fresh = embedded.spawn(
-        record.name,
-        [sys.executable, "-m", "stepline.executor"],
-        log_path=Path(record.log),
-        endpoint=record.endpoint,
-        port=record.port,
-        env=env,
-    )
-    state.components[state.components.index(record)] = fresh
-    state.save()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    while not await check_health(fresh.endpoint, timeout_s=1.0):
-        assert loop.time() < deadline, f"executor {record.name} did not come back"
-        await asyncio.sleep(0.2)
-
-
 async def test_a_suspended_run_survives_the_loss_of_its_executor(api: Api) -> None:
     await api.register()
     run_id = await api.start(amount=7)
     run = await api.suspended(run_id)
     ask = task(run, "ask")
     suspender = ask.attempts[-1].executor_id
-    record = _record(api.state, suspender)
+    record = executor_record(api.state, suspender)
     env = psutil.Process(record.pid).environ()
     os.kill(record.pid, signal.SIGKILL)
     try:
@@ -341,7 +310,7 @@ async def test_a_suspended_run_survives_the_loss_of_its_executor(api: Api) -> No
         await api.approve(ask.approval_id, "still fine")
         run = await api.finished(run_id)
     finally:
-        await _restart(api.state, record, env)
+        await restart_executor(api.state, record, env)
     assert run.state == R.WORKFLOW_RUN_STATE_SUCCEEDED, run.failure
     claims = [
         e.actor.id for e in await api.history(run_id) if e.type == run_pb2.RUN_EVENT_TYPE_CLAIMED

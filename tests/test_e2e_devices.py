@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import signal
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -39,10 +38,12 @@ from stepline.api.scheduler.v1 import scheduler_service_pb2 as spb
 from stepline.api.scheduler.v1 import scheduler_service_pb2_grpc, workflow_service_pb2_grpc
 from stepline.api.scheduler.v1 import workflow_service_pb2 as wpb
 from stepline.cli import mesh
-from stepline.common import adb, embedded
-from stepline.common.client import check_health, open_channel
+from stepline.common import adb
+from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings
 from stepline.common.states import RUN_TERMINAL
+
+from .conftest import executor_record, restart_executor
 
 R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
@@ -214,37 +215,6 @@ steps:
 # --- losing the executor that holds a phone (last: it kills one) ------------------
 
 
-def _record(state: mesh.MeshState, executor_id: str) -> embedded.ProcessRecord:
-    """The mesh's process record of an executor (its id as `stepline up` sets it)."""
-    for record in state.components:
-        name = record.name if record.name[-1].isdigit() else f"{record.name}-1"
-        if record.name.startswith("executor") and name == executor_id:
-            return record
-    raise AssertionError(f"no executor {executor_id!r} in the mesh")
-
-
-async def _restart(
-    state: mesh.MeshState, record: embedded.ProcessRecord, env: dict[str, str]
-) -> None:
-    """Start a killed executor again as `stepline up` did, so that later tests
-    find the mesh whole."""
-    fresh = embedded.spawn(
-        record.name,
-        [sys.executable, "-m", "stepline.executor"],
-        log_path=Path(record.log),
-        endpoint=record.endpoint,
-        port=record.port,
-        env=env,
-    )
-    state.components[state.components.index(record)] = fresh
-    state.save()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    while not await check_health(fresh.endpoint, timeout_s=1.0):
-        assert loop.time() < deadline, f"executor {record.name} did not come back"
-        await asyncio.sleep(0.2)
-
-
 async def test_a_killed_executor_loses_its_phone_to_the_lease_ttl(api: Api) -> None:
     await api.register(SPAN)
     run_id = await api.start("device-hold", {})
@@ -261,7 +231,7 @@ async def test_a_killed_executor_loses_its_phone_to_the_lease_ttl(api: Api) -> N
         return None
 
     executor_id, leased = await api.until("the run to hold a phone", holding)
-    record = _record(api.state, executor_id)
+    record = executor_record(api.state, executor_id)
     env = psutil.Process(record.pid).environ()
     os.kill(record.pid, signal.SIGKILL)
     try:
@@ -273,7 +243,7 @@ async def test_a_killed_executor_loses_its_phone_to_the_lease_ttl(api: Api) -> N
         await api.until("the broker to reclaim the dead executor's lease", reclaimed)
         run = await api.finished(run_id)
     finally:
-        await _restart(api.state, record, env)
+        await restart_executor(api.state, record, env)
     assert run.state == R.WORKFLOW_RUN_STATE_SUCCEEDED, run.failure
     hold = task(run, "hold")
     assert hold.attempts[0].failure.reason == F.FAILURE_REASON_EXECUTOR_LOST

@@ -29,14 +29,23 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
+import grpc
 import pytest
+from google.protobuf import json_format
 
+from stepline.api.common.v1 import run_pb2
+from stepline.api.ledger.v1 import ledger_pb2_grpc
+from stepline.api.scheduler.v1 import scheduler_service_pb2 as spb
+from stepline.api.scheduler.v1 import scheduler_service_pb2_grpc, workflow_service_pb2_grpc
 from stepline.cli import mesh
 from stepline.common import embedded
 from stepline.common.client import check_health
+from stepline.common.states import RUN_TERMINAL
 
 EXECUTORS = 2
 PHONES = 2
@@ -143,3 +152,79 @@ async def restart_executor(
     while not await check_health(fresh.endpoint, timeout_s=1.0):
         assert loop.time() < deadline, f"executor {record.name} did not come back"
         await asyncio.sleep(0.2)
+
+
+# --- what the end-to-end tests share: the admin's view of runs ------------------
+
+
+@dataclass
+class MeshApi:
+    """The scheduler and the ledger as the mesh's admin calls them; each
+    end-to-end module adds its own calls in a subclass."""
+
+    state: mesh.MeshState
+    workflows: workflow_service_pb2_grpc.WorkflowServiceAsyncStub
+    runs: scheduler_service_pb2_grpc.SchedulerServiceAsyncStub
+    ledger: ledger_pb2_grpc.LedgerServiceAsyncStub
+
+    wait_s: ClassVar[float] = 30.0
+    poll_s: ClassVar[float] = 0.05
+
+    async def get(self, run_id: str) -> run_pb2.WorkflowRun:
+        response = await self.runs.GetRun(
+            spb.GetRunRequest(run_id=run_id, view=run_pb2.RUN_VIEW_TASKS)
+        )
+        return response.run
+
+    async def eventually(self, what: str | Callable[[], str], check: Callable[[], Any]) -> Any:
+        """Poll the async ``check`` until it returns something true (failing
+        after ``wait_s`` with ``what``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        while True:
+            value = await check()
+            if value:
+                return value
+            if loop.time() > deadline:
+                pytest.fail(f"timed out waiting for {what() if callable(what) else what}")
+            await asyncio.sleep(self.poll_s)
+
+    async def until(
+        self, run_id: str, condition: Callable[[run_pb2.WorkflowRun], bool], what: str
+    ) -> run_pb2.WorkflowRun:
+        """Poll GetRun until ``condition`` holds."""
+        last = run_pb2.WorkflowRun()
+
+        async def check() -> run_pb2.WorkflowRun | None:
+            nonlocal last
+            last = await self.get(run_id)
+            return last if condition(last) else None
+
+        run: run_pb2.WorkflowRun = await self.eventually(
+            lambda: f"run {run_id} to get {what}; it is {last}", check
+        )
+        return run
+
+    async def finished(self, run_id: str) -> run_pb2.WorkflowRun:
+        """Follow WatchRun until the scheduler ends the stream (the run is terminal)."""
+        call = self.runs.WatchRun(spb.WatchRunRequest(run_id=run_id), timeout=self.wait_s)
+        try:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        finally:
+            call.cancel()
+        run = await self.get(run_id)
+        assert run.state in RUN_TERMINAL, run
+        return run
+
+
+def task(run: run_pb2.WorkflowRun, path: str) -> run_pb2.TaskRun:
+    for candidate in run.tasks:
+        if candidate.step_path == path:
+            return candidate
+    raise AssertionError(f"run {run.run_id} has no task {path!r}")
+
+
+def outputs(message: Any) -> dict[str, Any]:
+    """A message (or Struct) as plain JSON values."""
+    return dict(json_format.MessageToDict(message))

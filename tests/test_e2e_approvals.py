@@ -13,20 +13,18 @@ test kills an executor (and starts it again), so it is the last of the module.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import grpc
 import psutil
 import pytest
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from stepline.api.approvals.v1 import approvals_pb2 as apb
 from stepline.api.approvals.v1 import approvals_pb2_grpc
@@ -40,23 +38,20 @@ from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings
 from stepline.common.states import RUN_TERMINAL
 
-from .conftest import executor_record, restart_executor
+from .conftest import MeshApi, executor_record, outputs, restart_executor, task
 
 R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
 F = common_pb2.FailureReason
 A = apb.ApprovalState
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "approval.yaml"
-POLL_S = 0.05
 WAIT_S = 30.0
 
 
 @dataclass
-class Api:
-    state: mesh.MeshState
-    workflows: workflow_service_pb2_grpc.WorkflowServiceAsyncStub
-    runs: scheduler_service_pb2_grpc.SchedulerServiceAsyncStub  # as admin, the initiator
-    ledger: ledger_pb2_grpc.LedgerServiceAsyncStub
+class Api(MeshApi):
+    """``runs`` as admin, the runs' initiator."""
+
     approvals: approvals_pb2_grpc.ApprovalsServiceAsyncStub  # as admin
     approver: approvals_pb2_grpc.ApprovalsServiceAsyncStub  # as the `approver` principal
 
@@ -80,26 +75,6 @@ class Api:
         )
         return response.run.run_id
 
-    async def get(self, run_id: str) -> run_pb2.WorkflowRun:
-        response = await self.runs.GetRun(
-            spb.GetRunRequest(run_id=run_id, view=run_pb2.RUN_VIEW_TASKS)
-        )
-        return response.run
-
-    async def until(
-        self, run_id: str, condition: Callable[[run_pb2.WorkflowRun], bool], what: str
-    ) -> run_pb2.WorkflowRun:
-        """Poll GetRun until ``condition`` holds (failing after WAIT_S)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT_S
-        while True:
-            run = await self.get(run_id)
-            if condition(run):
-                return run
-            if loop.time() > deadline:
-                pytest.fail(f"run {run_id} never got {what}; it is {run}")
-            await asyncio.sleep(POLL_S)
-
     async def suspended(self, run_id: str) -> run_pb2.WorkflowRun:
         """The run once it waits for its approval, with no executor holding it."""
 
@@ -111,9 +86,6 @@ class Api:
         run = await self.until(run_id, waiting, "suspended")
         assert run.state == R.WORKFLOW_RUN_STATE_SUSPENDED, run.failure
         return run
-
-    async def finished(self, run_id: str) -> run_pb2.WorkflowRun:
-        return await self.until(run_id, lambda r: r.state in RUN_TERMINAL, "a terminal state")
 
     async def approval(self, approval_id: str) -> apb.Approval:
         response = await self.approvals.GetApproval(apb.GetApprovalRequest(approval_id=approval_id))
@@ -152,17 +124,6 @@ async def api(mesh_state: mesh.MeshState, mesh_tokens: dict[str, str]) -> AsyncI
         )
 
 
-def task(run: run_pb2.WorkflowRun, path: str) -> run_pb2.TaskRun:
-    for candidate in run.tasks:
-        if candidate.step_path == path:
-            return candidate
-    raise AssertionError(f"run {run.run_id} has no task {path!r}")
-
-
-def as_dict(message: Any) -> dict[str, Any]:
-    return dict(json_format.MessageToDict(message))
-
-
 def run_moves(events: list[run_pb2.RunEvent]) -> list[str]:
     return [
         str(e.payload["to_state"])
@@ -187,7 +148,7 @@ async def test_a_suspended_run_completes_once_an_approver_approves(api: Api) -> 
     assert approval.workflow_name == "approval"
     assert approval.initiator.id == "admin"
     assert list(approval.policy.approver_roles) == ["approver"]
-    assert as_dict(approval.context) == {
+    assert outputs(approval.context) == {
         "inputs.amount": 42,
         "steps.prepare.summary": "payout of 42",
     }
@@ -201,7 +162,7 @@ async def test_a_suspended_run_completes_once_an_approver_approves(api: Api) -> 
     assert decided.state == A.APPROVAL_STATE_APPROVED
     run = await api.finished(run_id)
     assert run.state == R.WORKFLOW_RUN_STATE_SUCCEEDED, run.failure
-    output = as_dict(task(run, "ask").output)
+    output = outputs(task(run, "ask").output)
     assert output["approval_id"] == ask.approval_id
     assert output["state"] == "APPROVED"
     [decision] = output["decisions"]
@@ -210,7 +171,7 @@ async def test_a_suspended_run_completes_once_an_approver_approves(api: Api) -> 
         "APPROVED",
         "numbers check out",
     )
-    published = as_dict(task(run, "publish").output)
+    published = outputs(task(run, "publish").output)
     assert published["published"] == "payout of 42"
     assert published["decisions"][0]["actor"] == "approver"
 
@@ -255,11 +216,12 @@ async def test_cancelling_a_suspended_run_closes_its_request(api: Api) -> None:
     run = await api.get(run_id)
     assert task(run, "ask").state == T.TASK_RUN_STATE_CANCELLED
     assert task(run, "publish").state == T.TASK_RUN_STATE_SKIPPED
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_S
-    while (approval := await api.approval(approval_id)).state == A.APPROVAL_STATE_PENDING:
-        assert loop.time() < deadline, "the request was never closed"
-        await asyncio.sleep(POLL_S)
+
+    async def closed() -> apb.Approval | None:
+        approval = await api.approval(approval_id)
+        return approval if approval.state != A.APPROVAL_STATE_PENDING else None
+
+    approval = await api.eventually("the request to be closed", closed)
     assert approval.state == A.APPROVAL_STATE_CANCELLED
     with pytest.raises(grpc.aio.AioRpcError) as late:
         await api.approve(approval_id)

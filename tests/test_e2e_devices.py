@@ -20,17 +20,16 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import grpc
 import psutil
 import pytest
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
-from stepline.api.common.v1 import common_pb2, run_pb2
+from stepline.api.common.v1 import common_pb2
 from stepline.api.device_broker.v1 import device_broker_pb2 as dpb
 from stepline.api.device_broker.v1 import device_broker_pb2_grpc
 from stepline.api.ledger.v1 import ledger_pb2, ledger_pb2_grpc
@@ -41,9 +40,8 @@ from stepline.cli import mesh
 from stepline.common import adb
 from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings
-from stepline.common.states import RUN_TERMINAL
 
-from .conftest import executor_record, restart_executor
+from .conftest import MeshApi, executor_record, outputs, restart_executor, task
 
 R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
@@ -51,17 +49,14 @@ F = common_pb2.FailureReason
 D = common_pb2.DeviceState
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "social-post.yaml"
 PNG = b"\x89PNG\r\n\x1a\n"
-POLL_S = 0.05
 WAIT_S = 60.0
 
 
 @dataclass
-class Api:
-    state: mesh.MeshState
-    workflows: workflow_service_pb2_grpc.WorkflowServiceAsyncStub
-    runs: scheduler_service_pb2_grpc.SchedulerServiceAsyncStub
-    ledger: ledger_pb2_grpc.LedgerServiceAsyncStub
+class Api(MeshApi):
     broker: device_broker_pb2_grpc.DeviceBrokerServiceAsyncStub
+
+    wait_s: ClassVar[float] = WAIT_S  # leases expire and phones are cleaned
 
     async def register(self, text: str) -> None:
         await self.workflows.RegisterWorkflow(
@@ -78,36 +73,6 @@ class Api:
             spb.StartRunRequest(request_id=str(uuid.uuid4()), workflow_name=name, inputs=values)
         )
         return response.run.run_id
-
-    async def get(self, run_id: str) -> run_pb2.WorkflowRun:
-        response = await self.runs.GetRun(
-            spb.GetRunRequest(run_id=run_id, view=run_pb2.RUN_VIEW_TASKS)
-        )
-        return response.run
-
-    async def finished(self, run_id: str) -> run_pb2.WorkflowRun:
-        """Follow WatchRun until the scheduler ends the stream (the run is terminal)."""
-        call = self.runs.WatchRun(spb.WatchRunRequest(run_id=run_id), timeout=WAIT_S)
-        try:
-            while await call.read() is not grpc.aio.EOF:
-                pass
-        finally:
-            call.cancel()
-        run = await self.get(run_id)
-        assert run.state in RUN_TERMINAL, run
-        return run
-
-    async def until(self, what: str, check: Callable[[], Any]) -> Any:
-        """Poll the async ``check`` until it returns something true."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT_S
-        while True:
-            value = await check()
-            if value:
-                return value
-            if loop.time() > deadline:
-                pytest.fail(f"timed out waiting for {what}")
-            await asyncio.sleep(POLL_S)
 
     async def device(self, serial: str) -> dpb.Device:
         return (await self.broker.GetDevice(dpb.GetDeviceRequest(serial=serial))).device
@@ -143,19 +108,8 @@ async def api(mesh_state: mesh.MeshState) -> AsyncIterator[Api]:
             ledger=ledger_pb2_grpc.LedgerServiceStub(ledger),
             broker=device_broker_pb2_grpc.DeviceBrokerServiceStub(dev),
         )
-        await api.until("every phone to be available", api.all_available)
+        await api.eventually("every phone to be available", api.all_available)
         yield api
-
-
-def task(run: run_pb2.WorkflowRun, path: str) -> run_pb2.TaskRun:
-    for candidate in run.tasks:
-        if candidate.step_path == path:
-            return candidate
-    raise AssertionError(f"run {run.run_id} has no task {path!r}")
-
-
-def outputs(message: Any) -> dict[str, Any]:
-    return dict(json_format.MessageToDict(message))
 
 
 async def test_social_post_example_posts_from_a_leased_phone(api: Api) -> None:
@@ -192,7 +146,7 @@ async def test_social_post_example_posts_from_a_leased_phone(api: Api) -> None:
     # Released, then cleaned by the broker (the app is signed out again).
     for serial in api.state.phones:
         assert (await api.device(serial)).state != D.DEVICE_STATE_LEASED
-    await api.until("every phone to be available", api.all_available)
+    await api.eventually("every phone to be available", api.all_available)
     assert "ada" not in (await api.phone_state(holders[0]))["accounts"]
 
 
@@ -230,7 +184,7 @@ async def test_a_killed_executor_loses_its_phone_to_the_lease_ttl(api: Api) -> N
                 return attempts[-1].executor_id, device
         return None
 
-    executor_id, leased = await api.until("the run to hold a phone", holding)
+    executor_id, leased = await api.eventually("the run to hold a phone", holding)
     record = executor_record(api.state, executor_id)
     env = psutil.Process(record.pid).environ()
     os.kill(record.pid, signal.SIGKILL)
@@ -240,7 +194,7 @@ async def test_a_killed_executor_loses_its_phone_to_the_lease_ttl(api: Api) -> N
             device = await api.device(leased.serial)
             return bool(device.lease.lease_id != leased.lease.lease_id)
 
-        await api.until("the broker to reclaim the dead executor's lease", reclaimed)
+        await api.eventually("the broker to reclaim the dead executor's lease", reclaimed)
         run = await api.finished(run_id)
     finally:
         await restart_executor(api.state, record, env)

@@ -12,7 +12,6 @@ the last of the module.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -24,7 +23,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from stepline.api.common.v1 import common_pb2, run_pb2
 from stepline.api.ledger.v1 import ledger_pb2, ledger_pb2_grpc
@@ -38,21 +37,17 @@ from stepline.common.config import ClientSettings
 from stepline.common.plan import plan
 from stepline.common.states import RUN_TERMINAL
 
+from .conftest import MeshApi, outputs, task
+
 R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
 F = common_pb2.FailureReason
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-POLL_S = 0.05
 WAIT_S = 30.0
 
 
 @dataclass
-class Api:
-    state: mesh.MeshState
-    workflows: workflow_service_pb2_grpc.WorkflowServiceAsyncStub
-    runs: scheduler_service_pb2_grpc.SchedulerServiceAsyncStub
-    ledger: ledger_pb2_grpc.LedgerServiceAsyncStub
-
+class Api(MeshApi):
     async def cli(self, *argv: str) -> int:
         return await run_async(["--state-dir", str(self.state.state_dir), *argv])
 
@@ -78,38 +73,6 @@ class Api:
                 request_id=request_id or str(uuid.uuid4()), workflow_name=name, inputs=values
             )
         )
-
-    async def get(self, run_id: str) -> run_pb2.WorkflowRun:
-        response = await self.runs.GetRun(
-            spb.GetRunRequest(run_id=run_id, view=run_pb2.RUN_VIEW_TASKS)
-        )
-        return response.run
-
-    async def until(
-        self, run_id: str, condition: Callable[[run_pb2.WorkflowRun], bool], what: str
-    ) -> run_pb2.WorkflowRun:
-        """Poll GetRun until ``condition`` holds (failing after WAIT_S)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT_S
-        while True:
-            run = await self.get(run_id)
-            if condition(run):
-                return run
-            if loop.time() > deadline:
-                pytest.fail(f"run {run_id} never got {what}; it is {run}")
-            await asyncio.sleep(POLL_S)
-
-    async def finished(self, run_id: str) -> run_pb2.WorkflowRun:
-        """Follow WatchRun until the scheduler ends the stream (the run is terminal)."""
-        call = self.runs.WatchRun(spb.WatchRunRequest(run_id=run_id), timeout=WAIT_S)
-        try:
-            while await call.read() is not grpc.aio.EOF:
-                pass
-        finally:
-            call.cancel()
-        run = await self.get(run_id)
-        assert run.state in RUN_TERMINAL, run
-        return run
 
     async def chunks(self, run_id: str, task_id: str) -> list[run_pb2.ChunkRun]:
         collected: list[run_pb2.ChunkRun] = []
@@ -138,13 +101,6 @@ async def api(mesh_state: mesh.MeshState) -> AsyncIterator[Api]:
         )
 
 
-def task(run: run_pb2.WorkflowRun, path: str) -> run_pb2.TaskRun:
-    for candidate in run.tasks:
-        if candidate.step_path == path:
-            return candidate
-    raise AssertionError(f"run {run.run_id} has no task {path!r}")
-
-
 def attempt_running(path: str) -> Callable[[run_pb2.WorkflowRun], bool]:
     """The condition: the task's latest attempt is running."""
 
@@ -153,10 +109,6 @@ def attempt_running(path: str) -> Callable[[run_pb2.WorkflowRun], bool]:
         return bool(attempts) and attempts[-1].state == T.TASK_RUN_STATE_RUNNING
 
     return check
-
-
-def outputs(message: Any) -> dict[str, Any]:
-    return dict(json_format.MessageToDict(message))
 
 
 # --- the examples ------------------------------------------------------------------

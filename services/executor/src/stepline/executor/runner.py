@@ -255,7 +255,6 @@ class Execution:
                 T.TASK_RUN_STATE_RUNNING,
                 T.TASK_RUN_STATE_SUSPENDED,  # a GOVERN step waiting for its decision
             ):
-                await self.flush_carry()
                 return Halt("failed", task.failure, task.state)
             halt = self.boundary()
             if halt is None and siblings_failed is not None and siblings_failed.is_set():
@@ -275,7 +274,7 @@ class Execution:
                 return halt
             if step.id in self.outputs:
                 self._record_output(step.id, self.outputs[step.id], top=not prefix)
-        await self.flush_carry()
+        await self.flush_carry()  # a guard: a carry is only made when a step follows
         return None
 
     def _may_carry(
@@ -511,7 +510,6 @@ class Execution:
 
     async def finish(self, halt: Halt | None) -> RunEnd:
         fence = self.fence
-        await self.flush_carry()
         if halt is None and self.control.cancelled:
             # A cancel that came while the last step ran (e.g. a verb that is
             # not cancellable, run to its end) is honoured at the run's end too.

@@ -257,10 +257,12 @@ async def test_run_wakes_on_commits_here_and_in_other_replicas(
     # Poll intervals far beyond the test's timeouts: only wake-ups can wake them.
     leader = EventRelay(pool=ledger.pool, js=js, streams=streams, poll_interval_s=600)
     follower = EventRelay(pool=ledger.pool, js=js, streams=streams, poll_interval_s=600)
+    # Counted before the relay starts: its first pass may move the cursor at once.
+    before = await pending_count(ledger.pool)
+    assert before > 0
     leading = asyncio.create_task(leader.run())
     following: asyncio.Task[None] | None = None
     try:
-        before = await pending_count(ledger.pool)
 
         async def drained() -> bool:
             return await _stream_messages(js, streams) == before

@@ -29,6 +29,8 @@ from stepline.device_broker.model import LiveLease
 log = logging.getLogger(__name__)
 
 QUEUE_LIMIT = 10_000
+#: how long the first event of a quiet spell waits for others to share its write
+LINGER_S = 0.002
 BROKER_ACTOR = common_pb2.Principal(id="system:device-broker")
 _SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -94,21 +96,33 @@ class DeviceEvents:
         self._put("", event)
 
     async def run(self) -> None:
-        """Publish queued events until cancelled."""
+        """Publish queued events until cancelled.
+
+        After the first event of a quiet spell the task waits ``LINGER_S`` so
+        that the events of the calls served meanwhile leave in one socket write
+        (the NATS client writes whatever is pending when its flusher runs).
+        """
         assert self._nc is not None
         nc = self._nc
         while True:
-            subject, event = await self._queue.get()
-            headers = {
-                MSG_ID_HEADER: event.event_id,
-                CONTENT_TYPE_HEADER: f"application/protobuf; proto={event.DESCRIPTOR.full_name}",
-            }
-            try:
-                # core publish: the stream captures the subject; no ack is awaited,
-                # so a burst of leases costs no round trips
-                await nc.publish(subject, event.SerializeToString(), headers=headers)
-            except Exception:
-                log.warning("device event %s not published", event.event_id, exc_info=True)
+            first = await self._queue.get()
+            await asyncio.sleep(LINGER_S)
+            await self._publish(nc, *first)
+            while not self._queue.empty():
+                await self._publish(nc, *self._queue.get_nowait())
+
+    @staticmethod
+    async def _publish(nc: NATS, subject: str, event: events_pb2.Event) -> None:
+        headers = {
+            MSG_ID_HEADER: event.event_id,
+            CONTENT_TYPE_HEADER: f"application/protobuf; proto={event.DESCRIPTOR.full_name}",
+        }
+        try:
+            # core publish: the stream captures the subject; no ack is awaited,
+            # so a burst of leases costs no round trips
+            await nc.publish(subject, event.SerializeToString(), headers=headers)
+        except Exception:
+            log.warning("device event %s not published", event.event_id, exc_info=True)
 
     @contextlib.asynccontextmanager
     async def publishing(self) -> AsyncIterator[DeviceEvents]:

@@ -5,6 +5,12 @@ one in arrival order), then commits the grant in one statement; no adb work
 happens on that path. Health checks, cleanup and the inventory scan run in the
 background (:mod:`stepline.device_broker.upkeep`) and report here.
 
+A release without cleanup (profile ``none``) while a Lease call waits for such
+a device hands the device over: one statement ends the lease and grants the
+next one (the device stays LEASED, with the next token), instead of a release
+and then a grant. If that statement changes nothing or fails, the release goes
+the usual way and the waiting call grants for itself.
+
 Changes reach the view through :meth:`Broker.apply`, which takes the device
 row's version from the database, so the view follows the commit order even
 when concurrent calls finish in another order.
@@ -42,13 +48,14 @@ from stepline.device_broker.model import (
     LEASED,
     OFFLINE,
     QUARANTINED,
+    Ask,
     Entry,
     LiveLease,
     Selector,
     Waiter,
     state_name,
 )
-from stepline.device_broker.store import Row, Store, fingerprint
+from stepline.device_broker.store import GrantArgs, Granted, Row, Store, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +254,11 @@ class Broker:
             self._free.setdefault(serial, entry)  # the health checker refreshes it
             return
         for waiter in self._waiters:
-            if waiter.selector.matches(entry) and not waiter.future.done():
+            if (
+                waiter.selector.matches(entry)
+                and not waiter.future.done()
+                and not waiter.handing_over
+            ):
                 del self._waiters[waiter]
                 self._free.pop(serial, None)
                 entry.reserved = True
@@ -282,20 +293,25 @@ class Broker:
             + (" (devices bound to an account serve only that account)" if self.entries else "")
         )
 
-    async def _wait(self, selector: Selector, deadline: float) -> Entry:
+    async def _wait(self, ask: Ask, deadline: float) -> Entry | pb.LeaseResponse:
         remaining = deadline - time.monotonic()
-        future: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
-        waiter = Waiter(selector, future)
+        future: asyncio.Future[Entry | pb.LeaseResponse] = (
+            asyncio.get_running_loop().create_future()
+        )
+        waiter = Waiter(ask, future)
         if remaining > 0:
             self._waiters[waiter] = None
             try:
                 await asyncio.wait({future}, timeout=remaining)
+                if not future.done() and waiter.handing_over:
+                    await asyncio.wait({future})  # its statement is in flight: its answer
             except asyncio.CancelledError:
                 self._abandon(waiter)
                 raise
             if future.done():
                 return future.result()
             self._abandon(waiter)
+        selector = ask.selector
         matching = [e for e in self.entries.values() if selector.matches(e)]
         states = ", ".join(f"{e.serial} {state_name(e.state)}" for e in matching[:10])
         raise DeadlineExceeded(
@@ -306,7 +322,11 @@ class Broker:
     def _abandon(self, waiter: Waiter) -> None:
         self._waiters.pop(waiter, None)
         if waiter.future.done() and not waiter.future.cancelled():
-            self._unreserve(waiter.future.result())
+            got = waiter.future.result()
+            if isinstance(got, Entry):
+                self._unreserve(got)
+            # (a lease handed over to a call that has gone lapses after its TTL,
+            # as one granted to a call cancelled during its grant)
         else:
             waiter.future.cancel()
 
@@ -339,17 +359,17 @@ class Broker:
         live = self._by_request.get(request.request_id)
         if live is not None:
             return self._replay(live, digest)
-        selector = Selector.from_proto(request.selector)
-        self._satisfiable(selector)
+        ask = Ask(request, Selector.from_proto(request.selector), digest, ttl_s, actor)
+        self._satisfiable(ask.selector)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending[request.request_id] = done
         try:
             deadline = time.monotonic() + wait_s
             while True:
-                entry = self._take(selector) or await self._wait(selector, deadline)
-                response = await shielded(
-                    self._grant(entry, request, selector, digest, ttl_s, actor)
-                )
+                got = self._take(ask.selector) or await self._wait(ask, deadline)
+                if isinstance(got, pb.LeaseResponse):
+                    return got  # a release handed its device over
+                response = await shielded(self._grant(got, ask))
                 if response is not None:
                     return response
         finally:
@@ -364,31 +384,26 @@ class Broker:
             )
         return pb.LeaseResponse(lease=live.to_proto(), device=self.entries[live.serial].to_proto())
 
-    async def _grant(
-        self,
-        entry: Entry,
-        request: pb.LeaseRequest,
-        selector: Selector,
-        digest: str,
-        ttl_s: float,
-        actor: Principal,
-    ) -> pb.LeaseResponse | None:
-        holder = request.holder
-        lease_id = str(uuid.uuid4())
+    @staticmethod
+    def _grant_args(ask: Ask) -> GrantArgs:
+        holder = ask.request.holder
+        return GrantArgs(
+            lease_id=str(uuid.uuid4()),
+            request_id=ask.request.request_id,
+            fingerprint=ask.fingerprint,
+            holder=(holder.executor_id, holder.run_id, holder.task_id, holder.chunk_id),
+            account=ask.selector.account,
+            ttl_s=ask.ttl_s,
+        )
+
+    async def _grant(self, entry: Entry, ask: Ask) -> pb.LeaseResponse | None:
+        args = self._grant_args(ask)
         try:
-            granted = await self.store.grant(
-                lease_id=lease_id,
-                serial=entry.serial,
-                request_id=request.request_id,
-                fingerprint=digest,
-                holder=(holder.executor_id, holder.run_id, holder.task_id, holder.chunk_id),
-                account=selector.account,
-                ttl_s=ttl_s,
-            )
+            granted = await self.store.grant(entry.serial, args)
         except asyncpg.UniqueViolationError as exc:
             self._unreserve(entry)
             if exc.constraint_name == "leases_request_id_key":
-                return await self._replay_ended(request.request_id, digest)
+                return await self._replay_ended(args.request_id, args.fingerprint)
             raise
         except BaseException:
             self._unreserve(entry)
@@ -401,19 +416,25 @@ class Broker:
                 self.apply_row(entry, row)
             self._offer(entry)
             return None
+        return self._leased(entry, ask, args, granted)
+
+    def _leased(
+        self, entry: Entry, ask: Ask, args: GrantArgs, granted: Granted
+    ) -> pb.LeaseResponse:
+        """A committed grant into the view; its event; the Lease call's answer."""
         live = LiveLease(
-            lease_id=lease_id,
-            request_id=request.request_id,
-            fingerprint=digest,
+            lease_id=args.lease_id,
+            request_id=args.request_id,
+            fingerprint=args.fingerprint,
             serial=entry.serial,
             token=granted.token,
-            holder=holder,
-            account=selector.account,
+            holder=ask.request.holder,
+            account=args.account,
             grant_time=granted.grant_time,
             expire_time=granted.expire_time,
         )
         self.apply(entry, granted.version, state=LEASED, lease=live)
-        self.events.leased(live, proto_principal(actor))
+        self.events.leased(live, proto_principal(ask.actor))
         return pb.LeaseResponse(lease=live.to_proto(), device=entry.to_proto())
 
     async def _replay_ended(self, request_id: str, digest: str) -> pb.LeaseResponse:
@@ -477,6 +498,9 @@ class Broker:
         entry = self.entries[live.serial]
         fault = request.outcome == pb.RELEASE_OUTCOME_DEVICE_FAULT
         quick = entry.profile == "none" and not fault and entry.online
+        waiter = self._next_holder(entry) if quick else None
+        if waiter is not None:
+            return await shielded(self._hand_over(entry, live, request, waiter, actor))
         return await shielded(
             self._release(
                 entry,
@@ -518,6 +542,77 @@ class Broker:
             actor=proto_principal(actor),
         )
         return pb.ReleaseResponse(device=entry.to_proto())
+
+    def _next_holder(self, entry: Entry) -> Waiter | None:
+        """The first waiting Lease call that ``entry`` could serve once released
+        without cleanup, if its health allows a grant now."""
+        if (
+            not (entry.online and entry.healthy)
+            or entry.health_age_s(time.time()) >= self.settings.health_freshness_s
+        ):
+            return None
+        for waiter in self._waiters:
+            if (
+                waiter.selector.matches(entry)
+                and not waiter.future.done()
+                and not waiter.handing_over
+            ):
+                return waiter
+        return None
+
+    async def _hand_over(
+        self,
+        entry: Entry,
+        live: LiveLease,
+        request: pb.ReleaseRequest,
+        waiter: Waiter,
+        actor: Principal,
+    ) -> pb.ReleaseResponse:
+        """Release ``live`` and grant its device to ``waiter`` in one statement.
+        If that statement changes nothing or fails, the release goes the usual
+        way and the waiter stays in line (a failed grant is then its own)."""
+        args = self._grant_args(waiter.ask)
+        waiter.handing_over = True
+        try:
+            granted = await self.store.hand_over(
+                lease_id=live.lease_id,
+                token=live.token,
+                outcome=request.outcome,
+                message=request.message,
+                request_id=request.request_id,
+                grant=args,
+            )
+        except Exception as exc:
+            log.info("handing device %s over failed (%s); releasing it", entry.serial, exc)
+            granted = None
+        finally:
+            waiter.handing_over = False
+        if granted is None:
+            return await self._release(
+                entry, live, request, next_state=AVAILABLE, reason="released", actor=actor
+            )
+        self._waiters.pop(waiter, None)
+        self._forget_lease(live)
+        entry.lease = None
+        self.events.released(
+            serial=entry.serial,
+            lease_id=live.lease_id,
+            run_id=live.holder.run_id,
+            outcome=request.outcome,
+            actor=proto_principal(actor),
+        )
+        answer = self._leased(entry, waiter.ask, args, granted)
+        if not waiter.future.done():
+            waiter.future.set_result(answer)
+        else:
+            log.warning(
+                "lease %s of device %s went to a Lease call that has gone; it lapses after its TTL",
+                args.lease_id,
+                entry.serial,
+            )
+        device = entry.to_proto()
+        device.ClearField("lease")  # the next holder's, not the releaser's business
+        return pb.ReleaseResponse(device=device)
 
     async def _release_replay(self, request: pb.ReleaseRequest) -> pb.ReleaseResponse:
         row = await self.store.lease(request.lease_id)

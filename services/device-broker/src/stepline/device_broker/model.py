@@ -15,6 +15,7 @@ from datetime import datetime
 
 from stepline.api.common.v1 import common_pb2
 from stepline.api.device_broker.v1 import device_broker_pb2 as pb
+from stepline.common.auth import Principal
 
 S = common_pb2.DeviceState
 AVAILABLE = S.DEVICE_STATE_AVAILABLE
@@ -154,11 +155,30 @@ class Entry:
         return device
 
 
+@dataclass(frozen=True)
+class Ask:
+    """A Lease call's request, validated: what its grant writes."""
+
+    request: pb.LeaseRequest
+    selector: Selector
+    fingerprint: str
+    ttl_s: float
+    actor: Principal
+
+
 @dataclass(eq=False)
 class Waiter:
     """A Lease call waiting for a device; served in arrival order among those a
-    freed device can satisfy."""
+    freed device can satisfy. Its future gets a reserved device (the call then
+    commits the grant), or the answer itself when a release handed the device
+    over to it."""
 
-    selector: Selector
-    future: asyncio.Future[Entry]
+    ask: Ask
+    future: asyncio.Future[Entry | pb.LeaseResponse]
     since: float = field(default_factory=time.monotonic)
+    #: a release is handing its device over to this call (statement in flight)
+    handing_over: bool = False
+
+    @property
+    def selector(self) -> Selector:
+        return self.ask.selector

@@ -79,6 +79,37 @@ UPDATE devices d
 RETURNING d.serial, d.state, d.version
 """
 
+# A release whose device goes at once to the next waiting Lease: the lease ends
+# and the device, still LEASED, passes to a new lease with the next token, in
+# one statement (a release then a grant, without the AVAILABLE in between). The
+# old lease ends only if the device serves the new lease's account.
+_HAND_OVER = f"""
+WITH l AS (
+    UPDATE leases
+       SET end_time = clock_timestamp(), end_reason = 'released', outcome = $3, message = $4,
+           release_request_id = $5, cleanup_result = 'skipped'
+     WHERE lease_id = $1 AND token = $2 AND end_time IS NULL
+       AND EXISTS (SELECT 1 FROM devices
+                    WHERE serial = leases.serial AND lease_id = $1 AND bound_account = $13)
+ RETURNING serial
+), d AS (
+    UPDATE devices d
+       SET state = {LEASED}, last_token = d.last_token + 1, lease_id = $6, cleaning_reason = '',
+           cleaning_lease_id = NULL, {_BUMP}
+      FROM l
+     WHERE d.serial = l.serial
+ RETURNING d.serial, d.last_token, d.version
+), n AS (
+    INSERT INTO leases (lease_id, request_id, fingerprint, serial, token, executor_id, run_id,
+                        task_id, chunk_id, account, grant_time, expire_time)
+    SELECT $6, $7, $8, d.serial, d.last_token, $9, $10, $11, $12, $13, clock_timestamp(),
+           clock_timestamp() + make_interval(secs => $14)
+      FROM d
+ RETURNING token, grant_time, expire_time
+)
+SELECT n.token, n.grant_time, n.expire_time, d.version FROM n, d
+"""
+
 _REAP = f"""
 WITH l AS (
     UPDATE leases SET end_time = clock_timestamp(), end_reason = 'expired'
@@ -108,6 +139,18 @@ class Granted:
     grant_time: datetime
     expire_time: datetime
     version: int
+
+
+@dataclass(frozen=True)
+class GrantArgs:
+    """What a grant writes into the new lease row."""
+
+    lease_id: str
+    request_id: str
+    fingerprint: str
+    holder: tuple[str, str, str, str]  # executor_id, run_id, task_id, chunk_id
+    account: str
+    ttl_s: float
 
 
 @dataclass(frozen=True)
@@ -236,22 +279,19 @@ class Store:
 
     # --- leases ----------------------------------------------------------------------
 
-    async def grant(
-        self,
-        *,
-        lease_id: str,
-        serial: str,
-        request_id: str,
-        fingerprint: str,
-        holder: tuple[str, str, str, str],
-        account: str,
-        ttl_s: float,
-    ) -> Granted | None:
+    async def grant(self, serial: str, grant: GrantArgs) -> Granted | None:
         """One statement: the device AVAILABLE -> LEASED with the next token, and the
         lease row. None if the device was not AVAILABLE (for that account).
         Raises asyncpg.UniqueViolationError if request_id was used before."""
         row = await self.hot.fetchrow(
-            _GRANT, lease_id, serial, request_id, fingerprint, *holder, account, ttl_s
+            _GRANT,
+            grant.lease_id,
+            serial,
+            grant.request_id,
+            grant.fingerprint,
+            *grant.holder,
+            grant.account,
+            grant.ttl_s,
         )
         if row is None:
             return None
@@ -297,6 +337,38 @@ class Store:
             cleaning_reason if next_state == CLEANING else "",
         )
         return row
+
+    async def hand_over(
+        self,
+        *,
+        lease_id: str,
+        token: int,
+        outcome: int,
+        message: str,
+        request_id: str,
+        grant: GrantArgs,
+    ) -> Granted | None:
+        """One statement, committed synchronously: the lease ends (released) and its
+        device passes to a new lease (``grant``) with the next token. None if the
+        lease was not live with that token (nothing changed). Raises
+        asyncpg.UniqueViolationError if the grant's request_id was used before."""
+        row = await self.hot.fetchrow(
+            _HAND_OVER,
+            lease_id,
+            token,
+            outcome,
+            message,
+            request_id,
+            grant.lease_id,
+            grant.request_id,
+            grant.fingerprint,
+            *grant.holder,
+            grant.account,
+            grant.ttl_s,
+        )
+        if row is None:
+            return None
+        return Granted(row["token"], row["grant_time"], row["expire_time"], row["version"])
 
     async def reap(self) -> list[Row]:
         """End every lease past its expiry; their devices go CLEANING."""

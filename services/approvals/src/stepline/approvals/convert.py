@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -36,19 +35,6 @@ def to_json(message: Message) -> dict[str, Any]:
     """A message as JSON-ready data: proto field names, enums by name."""
     result: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
     return result
-
-
-def fingerprint(request: Message, *extra: str) -> str:
-    """Digest of ``request`` without its request_id (plus ``extra``, e.g. the caller),
-    to tell an idempotent replay from a conflicting reuse of the request_id."""
-    copy = type(request)()
-    copy.CopyFrom(request)
-    if "request_id" in copy.DESCRIPTOR.fields_by_name:
-        copy.ClearField("request_id")
-    digest = hashlib.sha256(copy.SerializeToString(deterministic=True))
-    for value in extra:
-        digest.update(b"\0" + value.encode("utf-8"))
-    return digest.hexdigest()
 
 
 def principal(actor_id: str, roles: Iterable[str]) -> common_pb2.Principal:

@@ -32,7 +32,6 @@ from aiohttp import web
 from stepline.api.approvals.v1 import approvals_pb2 as pb
 from stepline.api.approvals.v1 import approvals_pb2_grpc
 from stepline.api.ledger.v1 import ledger_pb2_grpc
-from stepline.approvals import convert
 from stepline.approvals.config import ApprovalsSettings
 from stepline.approvals.idempotency import RequestKey
 from stepline.approvals.inbound import DecisionEndpoint, load_principals
@@ -48,6 +47,7 @@ from stepline.common.client import open_channel
 from stepline.common.config import parse_address
 from stepline.common.db import create_pool, load_migrations
 from stepline.common.loops import Loop, background
+from stepline.common.requests import fingerprint
 from stepline.common.server import GrpcHost, serving, wait_until_stopped
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class ApprovalsServicer(approvals_pb2_grpc.ApprovalsServiceServicer):
         self, request: pb.ApproveRequest | pb.RejectRequest, method: str, outcome: int
     ) -> pb.Approval:
         caller = current_principal()
-        key = RequestKey.of(method, request.request_id, convert.fingerprint(request, caller.id))
+        key = RequestKey.of(method, request.request_id, fingerprint(request, caller.id))
         return await self.store.decide(
             approval_id=request.approval_id,
             actor=caller,

@@ -44,6 +44,7 @@ from stepline.common.errors import (
     NotFound,
     PermissionDenied,
 )
+from stepline.common.requests import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ class ApprovalStore:
         self, request: pb.CreateApprovalRequest, caller: Principal
     ) -> pb.CreateApprovalResponse:
         """Record a request (idempotent on request_id) and announce it."""
-        key = RequestKey.of("CreateApproval", request.request_id, convert.fingerprint(request))
+        key = RequestKey.of("CreateApproval", request.request_id, fingerprint(request))
         _check_create(request)
         async with self.pool.acquire() as conn, conn.transaction():
             now: datetime = await conn.fetchval("SELECT clock_timestamp()")
@@ -461,9 +462,7 @@ class ApprovalStore:
     ) -> pb.CancelApprovalResponse:
         _required(request.approval_id, "approval_id")
         reason = check_reason(request.reason, required=False)
-        key = RequestKey.of(
-            "CancelApproval", request.request_id, convert.fingerprint(request, caller.id)
-        )
+        key = RequestKey.of("CancelApproval", request.request_id, fingerprint(request, caller.id))
         async with self.pool.acquire() as conn, conn.transaction():
             row = await _lock(conn, request.approval_id)
             done = await replayed(conn, key, pb.CancelApprovalResponse)

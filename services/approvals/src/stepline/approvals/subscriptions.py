@@ -29,6 +29,7 @@ from stepline.approvals.secret_store import SecretStore
 from stepline.common import paging
 from stepline.common.auth import Principal
 from stepline.common.errors import InvalidArgument, NotFound
+from stepline.common.requests import fingerprint
 
 MAX_URL = 2048
 MAX_DESCRIPTION = 1024
@@ -169,7 +170,7 @@ class SubscriptionStore:
         self, request: pb.CreateSubscriptionRequest, caller: Principal
     ) -> pb.CreateSubscriptionResponse:
         key = RequestKey.of(
-            "CreateSubscription", request.request_id, convert.fingerprint(request, caller.id)
+            "CreateSubscription", request.request_id, fingerprint(request, caller.id)
         )
         given = request.subscription
         _check(given, self.secrets)
@@ -219,7 +220,7 @@ class SubscriptionStore:
         if not request.subscription_id:
             raise InvalidArgument("subscription_id is required")
         key = RequestKey.of(
-            "DeleteSubscription", request.request_id, convert.fingerprint(request, caller.id)
+            "DeleteSubscription", request.request_id, fingerprint(request, caller.id)
         )
         async with self.pool.acquire() as conn, conn.transaction():
             done = await replayed(conn, key, pb.DeleteSubscriptionResponse)

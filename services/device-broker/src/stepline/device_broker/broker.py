@@ -39,6 +39,7 @@ from stepline.common.errors import (
     InvalidArgument,
     NotFound,
 )
+from stepline.common.requests import fingerprint
 from stepline.device_broker import convert
 from stepline.device_broker.config import DeviceBrokerSettings
 from stepline.device_broker.events import DeviceEvents
@@ -55,7 +56,7 @@ from stepline.device_broker.model import (
     Waiter,
     state_name,
 )
-from stepline.device_broker.store import GrantArgs, Granted, Row, Store, fingerprint
+from stepline.device_broker.store import GrantArgs, Granted, Row, Store
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ which the view uses to apply changes in commit order.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +19,7 @@ import asyncpg
 from google.protobuf.message import Message
 
 from stepline.common.errors import Aborted
+from stepline.common.requests import fingerprint
 from stepline.device_broker.model import AVAILABLE, CLEANING, LEASED, OFFLINE, QUARANTINED
 
 M = TypeVar("M", bound=Message)
@@ -123,14 +123,6 @@ UPDATE devices d
  WHERE d.serial = l.serial
 RETURNING d.serial, d.version, l.lease_id, l.run_id
 """
-
-
-def fingerprint(request: Message) -> str:
-    """A digest of ``request`` without its request_id, to tell replays from conflicts."""
-    copy = type(request)()
-    copy.CopyFrom(request)
-    copy.ClearField("request_id")
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from stepline.api.approvals.v1 import approvals_pb2
 from stepline.api.common.v1 import common_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.errors import Aborted, FailedPrecondition, InvalidArgument
+from stepline.common.requests import fingerprint
 from stepline.ledger import states
-from stepline.ledger.events import fingerprint
 
 T = common_pb2.TaskRunState
 M = TypeVar("M", bound=Message)

@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 
 from stepline.api.common.v1 import common_pb2, run_pb2
 from stepline.api.events.v1 import events_pb2
+from stepline.common.requests import fingerprint
 from stepline.ledger import convert
 
 E = run_pb2.RunEventType
@@ -200,14 +201,6 @@ def published_event(row: Any) -> events_pb2.Event:
     event.actor.CopyFrom(record.actor)
     event.record.CopyFrom(record)
     return event
-
-
-def fingerprint(request: Message) -> str:
-    """A digest of ``request`` without its request_id, to tell replays from conflicts."""
-    copy = type(request)()
-    copy.CopyFrom(request)
-    copy.ClearField("request_id")
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
 # Appends a run's events. An event appended by a newer transaction than this

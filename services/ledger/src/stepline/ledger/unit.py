@@ -50,11 +50,12 @@ from stepline.api.common.v1 import common_pb2, run_pb2, workflow_pb2
 from stepline.api.events.v1 import events_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from stepline.common.requests import fingerprint
 from stepline.ledger import convert, states
 from stepline.ledger.artifacts import DESCRIPTION_COLUMNS
 from stepline.ledger.checks import check_claim, earlier_response
 from stepline.ledger.committer import UnitOperation
-from stepline.ledger.events import EventLog, fingerprint, name_based_id
+from stepline.ledger.events import EventLog, name_based_id
 
 T = common_pb2.TaskRunState
 E = run_pb2.RunEventType

@@ -23,8 +23,12 @@ process) and how busy the whole machine was (other work skews the figures).
 ``BENCH_PROFILE=prefix`` runs each broker under cProfile (``prefix-none``,
 ``prefix-standard``). Nothing is asserted.
 
+``--session``: each contender opens one ``LeaseSession`` stream per phase and
+sends its Lease, then its Release, on it (each answer awaited) instead of one
+unary call each; the report lines say which API was used.
+
     .venv/bin/python bench/lease_bench.py [--phones 10] [--contenders 40]
-        [--free-contenders 5] [--seconds 10]
+        [--free-contenders 5] [--seconds 10] [--session]
 
 The contenders run on uvloop: their gRPC client work (about a third of a core
 at 400 cycles/s) shares the machine with the broker, and uvloop cuts it by
@@ -48,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
+import grpc
 import psutil
 import uvloop
 from google.protobuf.duration_pb2 import Duration
@@ -58,6 +63,7 @@ from stepline.common import embedded
 from stepline.common.auth import Authenticator, Principal, new_token
 from stepline.common.client import check_health, open_channel
 from stepline.common.config import ClientSettings
+from stepline.common.errors import from_status_number
 
 AVAILABLE = 1
 #: BENCH_PROFILE=prefix runs each broker under cProfile, writing prefix-<cleanup profile>
@@ -196,6 +202,7 @@ class Phase:
     cpu: float = 0.0  # the broker's, in cores
     client_cpu: float = 0.0  # this process's (the contenders), in cores
     machine: float = 0.0  # the whole machine's busy share
+    api: str = "unary"  # how the contenders called: unary calls or a LeaseSession stream
 
 
 async def wait_available(stub: device_broker_pb2_grpc.DeviceBrokerServiceAsyncStub, n: int) -> None:
@@ -209,10 +216,41 @@ async def wait_available(stub: device_broker_pb2_grpc.DeviceBrokerServiceAsyncSt
         await asyncio.sleep(0.1)
 
 
+def lease_request(n: int) -> pb.LeaseRequest:
+    return pb.LeaseRequest(
+        request_id=str(uuid.uuid4()),
+        holder=pb.LeaseHolder(executor_id=f"bench-{n}", run_id="bench"),
+        ttl=Duration(seconds=60),
+    )
+
+
+def release_request(lease: pb.Lease) -> pb.ReleaseRequest:
+    return pb.ReleaseRequest(
+        request_id=str(uuid.uuid4()),
+        lease_id=lease.lease_id,
+        token=lease.token,
+        outcome=pb.RELEASE_OUTCOME_COMPLETED,
+    )
+
+
+async def answer(
+    session: grpc.aio.StreamStreamCall[pb.LeaseSessionRequest, pb.LeaseSessionResponse],
+    request: pb.LeaseSessionRequest,
+) -> pb.LeaseSessionResponse:
+    """Send ``request`` on the session and return its answer (the only one pending)."""
+    await session.write(request)
+    response = await session.read()
+    if not isinstance(response, pb.LeaseSessionResponse):
+        raise SystemExit("the broker ended the LeaseSession stream")
+    if response.HasField("error"):
+        raise from_status_number(response.error.code, response.error.message)
+    return response
+
+
 async def run_phase(
-    target: str, token: str, broker_pid: int, contenders: int, seconds: float
+    target: str, token: str, broker_pid: int, contenders: int, seconds: float, *, session: bool
 ) -> Phase:
-    phase = Phase()
+    phase = Phase(api="session" if session else "unary")
     channels = [
         open_channel(target, settings=ClientSettings(default_timeout_s=60), token=token)
         for _ in range(min(contenders, 8))
@@ -242,12 +280,28 @@ async def run_phase(
             )
             phase.cycles += 1
 
+    async def session_contender(n: int) -> None:
+        stub = device_broker_pb2_grpc.DeviceBrokerServiceStub(channels[n % len(channels)])
+        stream = stub.LeaseSession(timeout=seconds + 120)
+        max_wait = Duration(seconds=60)  # as the unary Lease's deadline
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            request = pb.LeaseSessionRequest(lease=lease_request(n), max_wait=max_wait)
+            granted = (await answer(stream, request)).lease
+            phase.acquire.append(time.perf_counter() - started)
+            await answer(stream, pb.LeaseSessionRequest(release=release_request(granted.lease)))
+            phase.cycles += 1
+        await stream.done_writing()
+        if await stream.read() is not grpc.aio.EOF:
+            raise SystemExit("the LeaseSession stream answered more than it was asked")
+
     broker = psutil.Process(broker_pid)
     cpu = broker.cpu_times()
     client = time.process_time()
     psutil.cpu_percent()
     began = time.perf_counter()
-    await asyncio.gather(*(contender(n) for n in range(contenders)))
+    each = session_contender if session else contender
+    await asyncio.gather(*(each(n) for n in range(contenders)))
     phase.elapsed = time.perf_counter() - began
     phase.machine = psutil.cpu_percent() / 100
     phase.client_cpu = (time.process_time() - client) / phase.elapsed
@@ -262,7 +316,7 @@ def report(name: str, phase: Phase) -> None:
     print(
         f"{name:<34} {phase.cycles / phase.elapsed:8,.0f} cycles/s"
         f"   acquire p50 {ms(phase.acquire, 0.5)}  p99 {ms(phase.acquire, 0.99)}"
-        f"   ({phase.cycles} in {phase.elapsed:.1f}s,"
+        f"   ({phase.api}: {phase.cycles} in {phase.elapsed:.1f}s,"
         f" CPU: broker {phase.cpu:.0%}, contenders {phase.client_cpu:.0%} of a core,"
         f" machine {phase.machine:.0%} busy)"
     )
@@ -288,6 +342,7 @@ async def bench(args: argparse.Namespace) -> None:
         print(
             f"phones: {args.phones}  contenders: {args.contenders}  seconds: {args.seconds}"
             f"  cores: {os.cpu_count()}  PostgreSQL: {m.dsn}"
+            f"  API: {'LeaseSession stream' if args.session else 'unary calls'}"
         )
         record, target = await m.start_broker("none")
         try:
@@ -295,12 +350,25 @@ async def bench(args: argparse.Namespace) -> None:
                 await wait_available(
                     device_broker_pb2_grpc.DeviceBrokerServiceStub(channel), args.phones
                 )
-            await run_phase(target, m.token, record.pid, args.free_contenders, 1.0)  # warm-up
-            alone = await run_phase(target, m.token, record.pid, 1, args.seconds)
+            await run_phase(  # warm-up
+                target, m.token, record.pid, args.free_contenders, 1.0, session=args.session
+            )
+            alone = await run_phase(
+                target, m.token, record.pid, 1, args.seconds, session=args.session
+            )
             report("free (1 contender)", alone)
-            free = await run_phase(target, m.token, record.pid, args.free_contenders, args.seconds)
+            free = await run_phase(
+                target,
+                m.token,
+                record.pid,
+                args.free_contenders,
+                args.seconds,
+                session=args.session,
+            )
             report(f"free ({args.free_contenders} contenders)", free)
-            busy = await run_phase(target, m.token, record.pid, args.contenders, args.seconds)
+            busy = await run_phase(
+                target, m.token, record.pid, args.contenders, args.seconds, session=args.session
+            )
             report(f"contended ({args.contenders} contenders)", busy)
         finally:
             embedded.stop(record)
@@ -311,7 +379,9 @@ async def bench(args: argparse.Namespace) -> None:
                     device_broker_pb2_grpc.DeviceBrokerServiceStub(channel), args.phones
                 )
             since = time.time()
-            cleaned = await run_phase(target, m.token, record.pid, args.contenders, args.seconds)
+            cleaned = await run_phase(
+                target, m.token, record.pid, args.contenders, args.seconds, session=args.session
+            )
             report(f"with cleanup ({args.contenders} contenders)", cleaned)
             await asyncio.sleep(2)  # let the last cleanups finish
             durations, failed = await cleanup_times(m.dsn, since)
@@ -332,6 +402,11 @@ def main() -> None:
     parser.add_argument("--contenders", type=int, default=40)
     parser.add_argument("--free-contenders", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--session",
+        action="store_true",
+        help="contenders Lease and Release on one LeaseSession stream each",
+    )
     uvloop.run(bench(parser.parse_args()))  # see the module's docstring
 
 

@@ -5,10 +5,13 @@ one, and the device never shows AVAILABLE in between."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import pytest
 
+from stepline.api.device_broker.v1 import device_broker_pb2 as pb
+from stepline.common.auth import Principal
 from stepline.phone.testing import PhoneFactory
 
 from .conftest import AVAILABLE, LEASED, MeshFactory, eventually
@@ -99,6 +102,42 @@ async def test_a_hand_over_that_cannot_grant_falls_back_to_a_release(
         assert [row["end_reason"] for row in ends] == ["released"]
         assert not waiters
         assert (await mesh.lease(executor="later")).lease.token == held.token + 1
+
+
+async def test_two_releases_at_once_hand_over_to_one_waiter_once(
+    broker_mesh: MeshFactory, phones: PhoneFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two releases served in the same turn of the event loop, one waiting call:
+    the first release hands its phone over, the second one sees the waiter taken
+    and releases its phone the usual way (no second, failing hand-over)."""
+    serials = sorted(phone.address for phone in phones(2))
+    async with broker_mesh(cleanup_profiles={"default": "none"}) as mesh:
+        await mesh.wait_available(serials)
+        held = [(await mesh.lease(executor=f"holder-{n}")).lease for n in range(2)]
+        broker = mesh.running.broker
+        waiting = asyncio.ensure_future(mesh.lease(executor="waiter", timeout_s=20))
+        await eventually(lambda: _at_least(broker._waiters, 1), what="the waiting call")
+        actor = Principal("executor", frozenset({"service"}))
+        requests = [
+            pb.ReleaseRequest(
+                request_id=f"release-{lease.lease_id}",
+                lease_id=lease.lease_id,
+                token=lease.token,
+                outcome=pb.RELEASE_OUTCOME_COMPLETED,
+            )
+            for lease in held
+        ]
+        with caplog.at_level(logging.INFO, logger="stepline.device_broker.broker"):
+            answers = await asyncio.gather(*(broker.release(r, actor) for r in requests))
+            granted = (await asyncio.wait_for(waiting, 10)).lease
+        assert not [r for r in caplog.records if "handing device" in r.getMessage()]
+        assert sorted(a.device.state for a in answers) == sorted([LEASED, AVAILABLE])
+        handed = next(a.device.serial for a in answers if a.device.state == LEASED)
+        assert granted.serial == handed and granted.holder.executor_id == "waiter"
+        other = next(s for s in serials if s != handed)
+        assert (await mesh.device(other)).state == AVAILABLE
+        count = await broker.store.pool.fetchval("SELECT count(*) FROM leases")
+        assert count == 3
 
 
 async def _at_least(waiters: object, n: int) -> bool:

@@ -501,6 +501,9 @@ class Broker:
         quick = entry.profile == "none" and not fault and entry.online
         waiter = self._next_holder(entry) if quick else None
         if waiter is not None:
+            # marked now, not in the task below: a release served before that
+            # task starts must not pick the same waiter
+            waiter.handing_over = True
             return await shielded(self._hand_over(entry, live, request, waiter, actor))
         return await shielded(
             self._release(
@@ -569,11 +572,11 @@ class Broker:
         waiter: Waiter,
         actor: Principal,
     ) -> pb.ReleaseResponse:
-        """Release ``live`` and grant its device to ``waiter`` in one statement.
-        If that statement changes nothing or fails, the release goes the usual
-        way and the waiter stays in line (a failed grant is then its own)."""
+        """Release ``live`` and grant its device to ``waiter`` (marked
+        ``handing_over`` by the caller) in one statement. If that statement
+        changes nothing or fails, the release goes the usual way and the waiter
+        stays in line (a failed grant is then its own)."""
         args = self._grant_args(waiter.ask)
-        waiter.handing_over = True
         try:
             granted = await self.store.hand_over(
                 lease_id=live.lease_id,

@@ -7,9 +7,9 @@ first stops), loads its state, scans the inventory once, then serves
 ``DeviceBrokerService`` while the upkeep (scan, health checks, cleanup, lease
 expiry) runs in the background.
 
-Who may call: Lease/Renew/Release need the role ``service`` or ``admin``;
-QuarantineDevice/ReleaseDevice/BindAccount/UnbindAccount ``operator`` or
-``admin``; ListDevices/GetDevice any authenticated caller.
+Who may call: Lease/Renew/Release/LeaseSession need the role ``service`` or
+``admin``; QuarantineDevice/ReleaseDevice/BindAccount/UnbindAccount ``operator``
+or ``admin``; ListDevices/GetDevice any authenticated caller.
 """
 
 from __future__ import annotations
@@ -17,18 +17,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import grpc
+from google.protobuf.duration_pb2 import Duration
 
 from stepline.api.device_broker.v1 import device_broker_pb2 as pb
 from stepline.api.device_broker.v1 import device_broker_pb2_grpc
 from stepline.common import adb, jetstream
-from stepline.common.auth import current_principal, require_role
+from stepline.common.auth import Principal, current_principal, require_role
 from stepline.common.db import create_pool, load_migrations
+from stepline.common.errors import InvalidArgument, SteplineError, status_number
 from stepline.common.server import GrpcHost, serving, wait_until_stopped
 from stepline.device_broker.broker import Broker
 from stepline.device_broker.config import DeviceBrokerSettings
@@ -82,6 +85,87 @@ class DeviceBrokerServicer(device_broker_pb2_grpc.DeviceBrokerServiceServicer):
     async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseResponse:
         actor = require_role(*HOLDER_ROLES)
         return await self.broker.release(request, actor)
+
+    async def LeaseSession(
+        self, request_iterator: AsyncIterable[pb.LeaseSessionRequest], context: Context
+    ) -> AsyncIterator[pb.LeaseSessionResponse]:
+        """Serve each request in its own task (a Lease may wait while later
+        requests are answered) and yield the answers as they are ready. When the
+        client closes its side, the requests in flight are answered first; when
+        the call is cancelled, they are cancelled with it."""
+        actor = require_role(*HOLDER_ROLES)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining - DEADLINE_MARGIN_S
+        answers: asyncio.Queue[pb.LeaseSessionResponse | None] = asyncio.Queue()
+        in_flight: set[asyncio.Task[None]] = set()
+
+        async def serve(request: pb.LeaseSessionRequest) -> None:
+            answers.put_nowait(await self._answer(request, actor, deadline))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(serve(request))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                while in_flight:
+                    await asyncio.wait(set(in_flight))
+            finally:
+                answers.put_nowait(None)  # the end, or reading failed: see below
+
+        reader = asyncio.create_task(read(), name="lease-session-reader")
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader  # raises if reading the requests failed
+        finally:
+            tasks = (reader, *in_flight)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _answer(
+        self, request: pb.LeaseSessionRequest, actor: Principal, deadline: float | None
+    ) -> pb.LeaseSessionResponse:
+        """The answer to one request of a LeaseSession: its own RPC's response, or
+        the error that RPC would have returned."""
+        kind = request.WhichOneof("request")
+        answer = pb.LeaseSessionResponse()
+        try:
+            if kind is None:
+                raise InvalidArgument("a LeaseSessionRequest needs one of lease, renew or release")
+            answer.request_id = getattr(request, kind).request_id
+            wait_s = self._session_wait_s(request.max_wait, deadline)
+            if kind == "lease":
+                response = await self.broker.lease(request.lease, wait_s=wait_s, actor=actor)
+                answer.lease.CopyFrom(response)
+            elif kind == "renew":
+                answer.renew.CopyFrom(await self.broker.renew(request.renew))
+            else:
+                answer.release.CopyFrom(await self.broker.release(request.release, actor))
+        except SteplineError as exc:
+            answer.error.code = status_number(exc)
+            answer.error.message = exc.message
+        except Exception:  # this request's failure only: the stream goes on
+            log.exception("unexpected error answering a LeaseSession request")
+            answer.error.code = status_number(SteplineError("internal"))
+            answer.error.message = "internal error; see the service log"
+        return answer
+
+    def _session_wait_s(self, max_wait: Duration, deadline: float | None) -> float:
+        """How long a Lease on a session may wait: ``max_wait`` (unset or zero: the
+        broker's maximum), at most the broker's maximum, never past the stream's
+        deadline."""
+        if max_wait.seconds < 0 or max_wait.nanos < 0:
+            raise InvalidArgument(
+                f"max_wait must not be negative, got {max_wait.seconds + max_wait.nanos / 1e9}s"
+            )
+        wait_s = self.broker.settings.max_wait_s
+        if max_wait.seconds or max_wait.nanos:
+            wait_s = min(wait_s, max_wait.seconds + max_wait.nanos / 1e9)
+        if deadline is not None:
+            wait_s = min(wait_s, max(0.0, deadline - time.monotonic()))
+        return wait_s
 
     async def QuarantineDevice(
         self, request: pb.QuarantineDeviceRequest, context: Context

@@ -742,6 +742,129 @@ class ReleaseResponse(_message.Message):
 Global___ReleaseResponse: _TypeAlias = ReleaseResponse  # noqa: Y015
 
 @_typing.final
+class LeaseSessionRequest(_message.Message):
+    """Request of DeviceBrokerService.LeaseSession: one Lease, Renew or Release."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_FIELD_NUMBER: _builtins.int
+    RENEW_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    MAX_WAIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lease(self) -> Global___LeaseRequest:
+        """A Lease (see DeviceBrokerService.Lease)."""
+
+    @_builtins.property
+    def renew(self) -> Global___RenewRequest:
+        """A Renew (see DeviceBrokerService.Renew)."""
+
+    @_builtins.property
+    def release(self) -> Global___ReleaseRequest:
+        """A Release (see DeviceBrokerService.Release)."""
+
+    @_builtins.property
+    def max_wait(self) -> _duration_pb2.Duration:
+        """How long a lease may wait for a free device; unset: the broker's maximum
+        (a unary Lease waits until its call's deadline instead). Never past the
+        stream's deadline. Ignored by Renew and Release; must not be negative.
+        """
+
+    def __init__(
+        self,
+        *,
+        lease: Global___LeaseRequest | None = ...,
+        renew: Global___RenewRequest | None = ...,
+        release: Global___ReleaseRequest | None = ...,
+        max_wait: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "max_wait", b"max_wait", "release", b"release", "renew", b"renew", "request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "max_wait", b"max_wait", "release", b"release", "renew", b"renew", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["lease", "renew", "release"]  # noqa: Y015
+    _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
+
+Global___LeaseSessionRequest: _TypeAlias = LeaseSessionRequest  # noqa: Y015
+
+@_typing.final
+class LeaseSessionError(_message.Message):
+    """Why one request of a LeaseSession was refused."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code (google.rpc.Code) its own RPC would have returned."""
+    message: _builtins.str
+    """What is wrong, as its own RPC would have said."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseSessionError: _TypeAlias = LeaseSessionError  # noqa: Y015
+
+@_typing.final
+class LeaseSessionResponse(_message.Message):
+    """Response of DeviceBrokerService.LeaseSession: the answer to one request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    RENEW_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request_id of the request answered (empty if the request had none,
+    e.g. no request set).
+    """
+    @_builtins.property
+    def lease(self) -> Global___LeaseResponse:
+        """Answer to a lease request."""
+
+    @_builtins.property
+    def renew(self) -> Global___RenewResponse:
+        """Answer to a renew request."""
+
+    @_builtins.property
+    def release(self) -> Global___ReleaseResponse:
+        """Answer to a release request."""
+
+    @_builtins.property
+    def error(self) -> Global___LeaseSessionError:
+        """The request was refused; the stream stays open."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        lease: Global___LeaseResponse | None = ...,
+        renew: Global___RenewResponse | None = ...,
+        release: Global___ReleaseResponse | None = ...,
+        error: Global___LeaseSessionError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease", b"lease", "release", b"release", "renew", b"renew", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lease", b"lease", "release", b"release", "renew", b"renew", "request_id", b"request_id", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_response: _TypeAlias = _typing.Literal["lease", "renew", "release", "error"]  # noqa: Y015
+    _WhichOneofArgType_response: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_response) -> _WhichOneofReturnType_response | None: ...
+
+Global___LeaseSessionResponse: _TypeAlias = LeaseSessionResponse  # noqa: Y015
+
+@_typing.final
 class QuarantineDeviceRequest(_message.Message):
     """Request of DeviceBrokerService.QuarantineDevice."""
 

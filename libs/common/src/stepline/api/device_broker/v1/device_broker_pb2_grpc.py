@@ -64,6 +64,11 @@ class DeviceBrokerServiceStub:
                 request_serializer=stepline_dot_api_dot_device__broker_dot_v1_dot_device__broker__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=stepline_dot_api_dot_device__broker_dot_v1_dot_device__broker__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.LeaseSession = channel.stream_stream(
+                '/stepline.api.device_broker.v1.DeviceBrokerService/LeaseSession',
+                request_serializer=stepline_dot_api_dot_device__broker_dot_v1_dot_device__broker__pb2.LeaseSessionRequest.SerializeToString,
+                response_deserializer=stepline_dot_api_dot_device__broker_dot_v1_dot_device__broker__pb2.LeaseSessionResponse.FromString,
+                _registered_method=True)
         self.QuarantineDevice = channel.unary_unary(
                 '/stepline.api.device_broker.v1.DeviceBrokerService/QuarantineDevice',
                 request_serializer=stepline_dot_api_dot_device__broker_dot_v1_dot_device__broker__pb2.QuarantineDeviceRequest.SerializeToString,
@@ -133,6 +138,21 @@ class DeviceBrokerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LeaseSession(self, request_iterator, context):
+        """Lease, Renew and Release on one stream (for clients that hold many leases
+        or lease often: a message on an open stream costs a fraction of a call).
+        Each request is answered on the stream as its own RPC would answer it, in
+        the order the answers are ready (a Lease may wait for a device while later
+        requests are answered): match answers by request_id. Authorization is that
+        of the unary RPCs (role service or admin), checked when the stream opens.
+        An error answers its request only; the stream stays open. When the client
+        closes its side, the requests in flight are answered, then the stream ends;
+        when the call is cancelled, waiting Leases are abandoned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def QuarantineDevice(self, request, context):
         """Takes a device out of service with evidence; a live lease is revoked.
         """
@@ -188,6 +208,11 @@ def add_DeviceBrokerServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=stepline_dot_api_dot_device__broker_dot_v1_dot_device__broker__pb2.ReleaseRequest.FromString,
                     response_serializer=stepline_dot_api_dot_device__broker_dot_v1_dot_device__broker__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'LeaseSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.LeaseSession,
+                    request_deserializer=stepline_dot_api_dot_device__broker_dot_v1_dot_device__broker__pb2.LeaseSessionRequest.FromString,
+                    response_serializer=stepline_dot_api_dot_device__broker_dot_v1_dot_device__broker__pb2.LeaseSessionResponse.SerializeToString,
             ),
             'QuarantineDevice': grpc.unary_unary_rpc_method_handler(
                     servicer.QuarantineDevice,
@@ -350,6 +375,33 @@ class DeviceBrokerService:
             '/stepline.api.device_broker.v1.DeviceBrokerService/Release',
             stepline_dot_api_dot_device__broker_dot_v1_dot_device__broker__pb2.ReleaseRequest.SerializeToString,
             stepline_dot_api_dot_device__broker_dot_v1_dot_device__broker__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/stepline.api.device_broker.v1.DeviceBrokerService/LeaseSession',
+            stepline_dot_api_dot_device__broker_dot_v1_dot_device__broker__pb2.LeaseSessionRequest.SerializeToString,
+            stepline_dot_api_dot_device__broker_dot_v1_dot_device__broker__pb2.LeaseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

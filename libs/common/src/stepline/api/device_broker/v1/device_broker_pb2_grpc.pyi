@@ -54,6 +54,17 @@ class DeviceBrokerServiceStub:
     """
     Release: _grpc.UnaryUnaryMultiCallable[_device_broker_pb2.ReleaseRequest, _device_broker_pb2.ReleaseResponse]
     """Ends a lease; the device goes CLEANING, then AVAILABLE or QUARANTINED."""
+    LeaseSession: _grpc.StreamStreamMultiCallable[_device_broker_pb2.LeaseSessionRequest, _device_broker_pb2.LeaseSessionResponse]
+    """Lease, Renew and Release on one stream (for clients that hold many leases
+    or lease often: a message on an open stream costs a fraction of a call).
+    Each request is answered on the stream as its own RPC would answer it, in
+    the order the answers are ready (a Lease may wait for a device while later
+    requests are answered): match answers by request_id. Authorization is that
+    of the unary RPCs (role service or admin), checked when the stream opens.
+    An error answers its request only; the stream stays open. When the client
+    closes its side, the requests in flight are answered, then the stream ends;
+    when the call is cancelled, waiting Leases are abandoned.
+    """
     QuarantineDevice: _grpc.UnaryUnaryMultiCallable[_device_broker_pb2.QuarantineDeviceRequest, _device_broker_pb2.QuarantineDeviceResponse]
     """Takes a device out of service with evidence; a live lease is revoked."""
     ReleaseDevice: _grpc.UnaryUnaryMultiCallable[_device_broker_pb2.ReleaseDeviceRequest, _device_broker_pb2.ReleaseDeviceResponse]
@@ -89,6 +100,17 @@ class DeviceBrokerServiceAsyncStub(DeviceBrokerServiceStub):
     """
     Release: _aio.UnaryUnaryMultiCallable[_device_broker_pb2.ReleaseRequest, _device_broker_pb2.ReleaseResponse]  # type: ignore[assignment]
     """Ends a lease; the device goes CLEANING, then AVAILABLE or QUARANTINED."""
+    LeaseSession: _aio.StreamStreamMultiCallable[_device_broker_pb2.LeaseSessionRequest, _device_broker_pb2.LeaseSessionResponse]  # type: ignore[assignment]
+    """Lease, Renew and Release on one stream (for clients that hold many leases
+    or lease often: a message on an open stream costs a fraction of a call).
+    Each request is answered on the stream as its own RPC would answer it, in
+    the order the answers are ready (a Lease may wait for a device while later
+    requests are answered): match answers by request_id. Authorization is that
+    of the unary RPCs (role service or admin), checked when the stream opens.
+    An error answers its request only; the stream stays open. When the client
+    closes its side, the requests in flight are answered, then the stream ends;
+    when the call is cancelled, waiting Leases are abandoned.
+    """
     QuarantineDevice: _aio.UnaryUnaryMultiCallable[_device_broker_pb2.QuarantineDeviceRequest, _device_broker_pb2.QuarantineDeviceResponse]  # type: ignore[assignment]
     """Takes a device out of service with evidence; a live lease is revoked."""
     ReleaseDevice: _aio.UnaryUnaryMultiCallable[_device_broker_pb2.ReleaseDeviceRequest, _device_broker_pb2.ReleaseDeviceResponse]  # type: ignore[assignment]
@@ -151,6 +173,23 @@ class DeviceBrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_device_broker_pb2.ReleaseResponse, _abc.Awaitable[_device_broker_pb2.ReleaseResponse]]:
         """Ends a lease; the device goes CLEANING, then AVAILABLE or QUARANTINED."""
+
+    @_abc_1.abstractmethod
+    def LeaseSession(
+        self,
+        request_iterator: _MaybeAsyncIterator[_device_broker_pb2.LeaseSessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_device_broker_pb2.LeaseSessionResponse], _abc.AsyncIterator[_device_broker_pb2.LeaseSessionResponse]]:
+        """Lease, Renew and Release on one stream (for clients that hold many leases
+        or lease often: a message on an open stream costs a fraction of a call).
+        Each request is answered on the stream as its own RPC would answer it, in
+        the order the answers are ready (a Lease may wait for a device while later
+        requests are answered): match answers by request_id. Authorization is that
+        of the unary RPCs (role service or admin), checked when the stream opens.
+        An error answers its request only; the stream stays open. When the client
+        closes its side, the requests in flight are answered, then the stream ends;
+        when the call is cancelled, waiting Leases are abandoned.
+        """
 
     @_abc_1.abstractmethod
     def QuarantineDevice(

@@ -109,6 +109,13 @@ class Authenticator:
             principals[digest.lower()] = Principal(pid, frozenset(roles))
         return cls(principals)
 
+    def principals_by_id(self) -> dict[str, Principal]:
+        """Every principal by id (the roles of entries sharing an id merged)."""
+        roles: dict[str, set[str]] = {}
+        for principal in self._by_digest.values():
+            roles.setdefault(principal.id, set()).update(principal.roles)
+        return {pid: Principal(pid, frozenset(r)) for pid, r in roles.items()}
+
     @staticmethod
     def write_file(path: Path, entries: Iterable[tuple[str, Principal]]) -> None:
         """Write an auth file for ``(token, principal)`` pairs (digests only)."""

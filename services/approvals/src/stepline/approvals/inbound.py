@@ -72,12 +72,7 @@ def load_principals(path: Path | None) -> dict[str, Principal]:
     """Principals of the auth file by id (roles of entries sharing an id merged)."""
     if path is None:
         return {}
-    Authenticator.from_file(path)  # validates the file, with its error messages
-    document = json.loads(path.read_text(encoding="utf-8"))
-    roles: dict[str, set[str]] = {}
-    for entry in document["principals"]:
-        roles.setdefault(entry["id"], set()).update(entry.get("roles", []))
-    return {pid: Principal(pid, frozenset(r)) for pid, r in roles.items()}
+    return Authenticator.from_file(path).principals_by_id()
 
 
 def _error(status: int, code: str, message: str) -> web.Response:

@@ -23,7 +23,8 @@ process) and how busy the whole machine was (other work skews the figures).
 ``BENCH_PROFILE=prefix`` runs each broker under cProfile (``prefix-none``,
 ``prefix-standard``). Nothing is asserted.
 
-``--session``: each contender opens one ``LeaseSession`` stream per phase and
+``--session``: each contender opens one ``LeaseSession`` stream per phase, through
+the shared client :class:`stepline.common.lease_session.LeaseSession`, and
 sends its Lease, then its Release, on it (each answer awaited) instead of one
 unary call each; the report lines say which API was used.
 
@@ -52,7 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
-import grpc
 import psutil
 import uvloop
 from google.protobuf.duration_pb2 import Duration
@@ -63,7 +63,7 @@ from stepline.common import embedded
 from stepline.common.auth import Authenticator, Principal, new_token
 from stepline.common.client import check_health, open_channel
 from stepline.common.config import ClientSettings
-from stepline.common.errors import from_status_number
+from stepline.common.lease_session import LeaseSession
 
 AVAILABLE = 1
 #: BENCH_PROFILE=prefix runs each broker under cProfile, writing prefix-<cleanup profile>
@@ -233,20 +233,6 @@ def release_request(lease: pb.Lease) -> pb.ReleaseRequest:
     )
 
 
-async def answer(
-    session: grpc.aio.StreamStreamCall[pb.LeaseSessionRequest, pb.LeaseSessionResponse],
-    request: pb.LeaseSessionRequest,
-) -> pb.LeaseSessionResponse:
-    """Send ``request`` on the session and return its answer (the only one pending)."""
-    await session.write(request)
-    response = await session.read()
-    if not isinstance(response, pb.LeaseSessionResponse):
-        raise SystemExit("the broker ended the LeaseSession stream")
-    if response.HasField("error"):
-        raise from_status_number(response.error.code, response.error.message)
-    return response
-
-
 async def run_phase(
     target: str, token: str, broker_pid: int, contenders: int, seconds: float, *, session: bool
 ) -> Phase:
@@ -282,18 +268,14 @@ async def run_phase(
 
     async def session_contender(n: int) -> None:
         stub = device_broker_pb2_grpc.DeviceBrokerServiceStub(channels[n % len(channels)])
-        stream = stub.LeaseSession(timeout=seconds + 120)
-        max_wait = Duration(seconds=60)  # as the unary Lease's deadline
-        while time.perf_counter() < stop_at:
-            started = time.perf_counter()
-            request = pb.LeaseSessionRequest(lease=lease_request(n), max_wait=max_wait)
-            granted = (await answer(stream, request)).lease
-            phase.acquire.append(time.perf_counter() - started)
-            await answer(stream, pb.LeaseSessionRequest(release=release_request(granted.lease)))
-            phase.cycles += 1
-        await stream.done_writing()
-        if await stream.read() is not grpc.aio.EOF:
-            raise SystemExit("the LeaseSession stream answered more than it was asked")
+        async with LeaseSession(stub) as session:
+            while time.perf_counter() < stop_at:
+                started = time.perf_counter()
+                # max_wait as the unary Lease's deadline
+                granted = await session.lease(lease_request(n), max_wait_s=60, timeout_s=65)
+                phase.acquire.append(time.perf_counter() - started)
+                await session.release(release_request(granted.lease), timeout_s=60)
+                phase.cycles += 1
 
     broker = psutil.Process(broker_pid)
     cpu = broker.cpu_times()

@@ -39,7 +39,6 @@ from stepline.api.common.v1 import common_pb2, run_pb2, workflow_pb2
 from stepline.api.device_broker.v1 import device_broker_pb2 as dpb
 from stepline.api.device_broker.v1 import device_broker_pb2_grpc
 from stepline.common import adb
-from stepline.common.client import rpc
 from stepline.common.config import parse_address
 from stepline.common.errors import (
     DeadlineExceeded,
@@ -48,6 +47,7 @@ from stepline.common.errors import (
     SteplineError,
     Unavailable,
 )
+from stepline.common.lease_session import LeaseSession
 from stepline.executor.ledger import Fence, duration
 from stepline.executor.verbs.base import VerbContext, VerbError
 from stepline.executor.verbs.templating import render
@@ -64,6 +64,8 @@ RO = dpb.ReleaseOutcome
 ARTIFACTS = "artifacts"
 #: retries of a broker call that failed with UNAVAILABLE
 _RETRIES = 4
+#: how long after a lease's max_wait its answer may come before it is given up
+_ANSWER_GRACE_S = 5.0
 #: texts of adb server errors that mean the device itself is gone
 _GONE = ("not found", "offline", "unauthorized", "closed", "no devices")
 
@@ -82,7 +84,9 @@ def describe(selector: dpb.DeviceSelector) -> str:
 
 
 class DeviceBroker:
-    """The executor's client of DeviceBrokerService."""
+    """The executor's client of DeviceBrokerService: its Lease, Renew and Release
+    requests go on one :class:`LeaseSession` (one stream for the executor
+    process); :meth:`close` it at shutdown."""
 
     def __init__(
         self,
@@ -94,23 +98,37 @@ class DeviceBroker:
         adb_timeout_s: float = 30.0,
     ) -> None:
         self.stub = device_broker_pb2_grpc.DeviceBrokerServiceStub(channel)
+        self.session = LeaseSession(self.stub)
         self.executor_id = executor_id
         self.ttl_s = ttl_s
         self.wait_s = wait_s
         self.adb_timeout_s = adb_timeout_s
 
-    async def call(self, method: Callable[..., Any], request: Any, *, budget_s: float) -> Any:
-        """One RPC, retried on UNAVAILABLE (same request id) while time is left."""
+    async def close(self) -> None:
+        """Close the lease session (the executor is shutting down)."""
+        await self.session.close()
+
+    async def call(self, send: Callable[..., Awaitable[T]], request: Any, *, budget_s: float) -> T:
+        """``send(request, timeout_s=...)``: one request on the session, retried on
+        UNAVAILABLE (the same request id; the session opens a new stream) while
+        time is left."""
         loop = asyncio.get_running_loop()
         end = loop.time() + budget_s
         for attempt in range(_RETRIES):
             try:
-                return await rpc(method(request, timeout=max(end - loop.time(), 0.1)))
+                return await send(request, timeout_s=max(end - loop.time(), 0.1))
             except Unavailable:
                 if attempt + 1 >= _RETRIES or loop.time() + 0.2 * 2**attempt >= end:
                     raise
                 await asyncio.sleep(0.2 * 2**attempt)
         raise AssertionError("unreachable")
+
+    async def _lease(self, request: dpb.LeaseRequest, *, timeout_s: float) -> dpb.LeaseResponse:
+        """One try of a lease: the broker waits up to ``timeout_s`` for a device,
+        then answers DEADLINE_EXCEEDED itself."""
+        return await self.session.lease(
+            request, max_wait_s=timeout_s, timeout_s=timeout_s + _ANSWER_GRACE_S
+        )
 
     async def lease(
         self, *, request_id: str, selector: dpb.DeviceSelector, holder: dpb.LeaseHolder
@@ -122,7 +140,7 @@ class DeviceBroker:
         )
         wanted = describe(selector)
         try:
-            response = await self.call(self.stub.Lease, request, budget_s=self.wait_s)
+            response = await self.call(self._lease, request, budget_s=self.wait_s)
         except DeadlineExceeded:
             raise VerbError(
                 f"no device ({wanted}) became free within {self.wait_s:g}s "
@@ -269,7 +287,7 @@ class DeviceLease:
             )
             try:
                 response = await self.broker.call(
-                    self.broker.stub.Renew, request, budget_s=max(every, 1.0)
+                    self.broker.session.renew, request, budget_s=max(every, 1.0)
                 )
             except FailedPrecondition as exc:
                 self._lose(f"the broker refused to renew it: {exc.message}")
@@ -305,7 +323,7 @@ class DeviceLease:
             message=message[:2000],
         )
         try:
-            await self.broker.call(self.broker.stub.Release, request, budget_s=10.0)
+            await self.broker.call(self.broker.session.release, request, budget_s=10.0)
         except FailedPrecondition as exc:
             log.info("device %s: lease %s already ended: %s", self.serial, self.lease_id, exc)
         except SteplineError as exc:

@@ -183,6 +183,7 @@ async def running(
                 wait_s=settings.device_wait_s,
                 adb_timeout_s=settings.adb_timeout_s,
             )
+            stack.push_async_callback(devices.close)  # before its channel closes
         approvals = None
         if settings.approvals_addr:
             approvals_channel = open_channel(settings.approvals_addr, settings=settings.client)

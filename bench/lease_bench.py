@@ -247,23 +247,9 @@ async def run_phase(
         stub = device_broker_pb2_grpc.DeviceBrokerServiceStub(channels[n % len(channels)])
         while time.perf_counter() < stop_at:
             started = time.perf_counter()
-            granted = await stub.Lease(
-                pb.LeaseRequest(
-                    request_id=str(uuid.uuid4()),
-                    holder=pb.LeaseHolder(executor_id=f"bench-{n}", run_id="bench"),
-                    ttl=Duration(seconds=60),
-                ),
-                timeout=60,
-            )
+            granted = await stub.Lease(lease_request(n), timeout=60)
             phase.acquire.append(time.perf_counter() - started)
-            await stub.Release(
-                pb.ReleaseRequest(
-                    request_id=str(uuid.uuid4()),
-                    lease_id=granted.lease.lease_id,
-                    token=granted.lease.token,
-                    outcome=pb.RELEASE_OUTCOME_COMPLETED,
-                )
-            )
+            await stub.Release(release_request(granted.lease))
             phase.cycles += 1
 
     async def session_contender(n: int) -> None:

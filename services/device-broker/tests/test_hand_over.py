@@ -72,7 +72,7 @@ async def test_release_hands_the_phone_to_the_waiting_call(
 
 
 async def test_a_hand_over_that_cannot_grant_falls_back_to_a_release(
-    broker_mesh: MeshFactory, phones: PhoneFactory
+    broker_mesh: MeshFactory, phones: PhoneFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The waiting call reuses the request id of a lease that has ended: the
     hand-over's insert fails, so the device is released the usual way and the
@@ -87,8 +87,11 @@ async def test_a_hand_over_that_cannot_grant_falls_back_to_a_release(
         waiting = asyncio.ensure_future(mesh.lease(request_id="used", timeout_s=20))
         await eventually(lambda: _at_least(waiters, 1), what="the waiting call")
 
-        released = await mesh.release(held)
+        with caplog.at_level(logging.INFO, logger="stepline.device_broker.broker"):
+            released = await mesh.release(held)
 
+        tried = [r.getMessage() for r in caplog.records if "handing device" in r.getMessage()]
+        assert len(tried) == 1 and "leases_request_id_key" in tried[0]  # the path taken
         assert released.device.state == AVAILABLE
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await asyncio.wait_for(waiting, 10)

@@ -538,14 +538,18 @@ class Broker:
         if row is None:
             return await self._release_replay(request)
         self.apply(entry, row["version"], state=row["state"], cleaning_reason=reason)
+        self._released(live, request, actor)
+        return pb.ReleaseResponse(device=entry.to_proto())
+
+    def _released(self, live: LiveLease, request: pb.ReleaseRequest, actor: Principal) -> None:
+        """The event of a lease ended by its holder's Release."""
         self.events.released(
-            serial=entry.serial,
+            serial=live.serial,
             lease_id=live.lease_id,
             run_id=live.holder.run_id,
             outcome=request.outcome,
             actor=proto_principal(actor),
         )
-        return pb.ReleaseResponse(device=entry.to_proto())
 
     def _next_holder(self, entry: Entry) -> Waiter | None:
         """The first waiting Lease call that ``entry`` could serve once released
@@ -596,15 +600,8 @@ class Broker:
                 entry, live, request, next_state=AVAILABLE, reason="released", actor=actor
             )
         self._waiters.pop(waiter, None)
-        self._forget_lease(live)
-        entry.lease = None
-        self.events.released(
-            serial=entry.serial,
-            lease_id=live.lease_id,
-            run_id=live.holder.run_id,
-            outcome=request.outcome,
-            actor=proto_principal(actor),
-        )
+        self._forget_lease(live)  # _leased puts the new one in its place
+        self._released(live, request, actor)
         answer = self._leased(entry, waiter.ask, args, granted)
         if not waiter.future.done():
             waiter.future.set_result(answer)

@@ -97,8 +97,7 @@ class DeviceBroker:
         wait_s: float = 60.0,
         adb_timeout_s: float = 30.0,
     ) -> None:
-        self.stub = device_broker_pb2_grpc.DeviceBrokerServiceStub(channel)
-        self.session = LeaseSession(self.stub)
+        self.session = LeaseSession(device_broker_pb2_grpc.DeviceBrokerServiceStub(channel))
         self.executor_id = executor_id
         self.ttl_s = ttl_s
         self.wait_s = wait_s

@@ -78,7 +78,7 @@ async def test_a_lone_transition_is_sent_at_once(mesh: Mesh) -> None:
 async def test_a_step_end_travels_with_the_next_step_start(mesh: Mesh, database_url: str) -> None:
     """Between two atomic steps, the end of one and the start of the next are
     one call and one commit (the events of both carry the same xid); the last
-    step's end is committed before the run's."""
+    step's end goes with the run's end and the claim's release."""
     steps = [atomic(name, "core.echo", {"step": name}) for name in ("a", "b", "c")]
     async with mesh.executor():
         run_id = await mesh.start(workflow(*steps))
@@ -93,6 +93,11 @@ async def test_a_step_end_travels_with_the_next_step_start(mesh: Mesh, database_
             " WHERE run_id = $1 AND type = $2 ORDER BY sequence",
             run_id,
             run_pb2.RUN_EVENT_TYPE_TASK_STATE_CHANGED,
+        )
+        last = await conn.fetch(
+            "SELECT xid::text AS xid, type FROM ledger.events WHERE run_id = $1"
+            " ORDER BY sequence DESC LIMIT 2",
+            run_id,
         )
     finally:
         await conn.close()
@@ -111,3 +116,8 @@ async def test_a_step_end_travels_with_the_next_step_start(mesh: Mesh, database_
     xids = [xid for _, _, xid in changes]
     assert xids[1] == xids[2] and xids[3] == xids[4]  # a ends with b's start, b with c's
     assert xids[0] != xids[1] and xids[4] != xids[5]
+    assert [r["type"] for r in last] == [
+        run_pb2.RUN_EVENT_TYPE_CLAIM_RELEASED,
+        run_pb2.RUN_EVENT_TYPE_RUN_STATE_CHANGED,
+    ]
+    assert {r["xid"] for r in last} == {xids[5]}  # c's end, the run's end, the release

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from stepline.api.common.v1 import common_pb2
+from stepline.api.common.v1 import common_pb2, run_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.api.ledger.v1 import ledger_pb2_grpc
 from stepline.common.auth import Authenticator, Principal
@@ -18,6 +18,7 @@ from stepline.ledger.server import SERVICE_NAME, LedgerServicer
 
 from .conftest import ACTOR, Ledger, claimed_run, create_request
 
+E = run_pb2.RunEventType
 SERVICE_TOKEN = "service-token"
 USER_TOKEN = "user-token"
 
@@ -103,7 +104,7 @@ async def test_apply_transitions_answers_each_item_apart(
             _task_item(first, first_epoch, "a", running, "t1"),
             _task_item(second, second_epoch + 1, "a", running, "t2"),  # not the claim's epoch
             _task_item(second, second_epoch, "nope", running, "t3"),  # no such task
-            pb.StepTransition(),  # neither task nor chunk
+            pb.StepTransition(),  # no change set
             _task_item(second, second_epoch, "a", running, "t4"),
         ]
     )
@@ -121,7 +122,7 @@ async def test_apply_transitions_answers_each_item_apart(
         ]
         assert errors[0].message.startswith("transitions[1]: ")
         assert "nope" in errors[1].message
-        assert errors[2].message == "transitions[3]: set task or chunk"
+        assert errors[2].message == "transitions[3]: set task, chunk or run"
         # A replay of the whole call applies nothing twice.
         again = await ledger_stub.ApplyTransitions(request)
         assert again.results[0] == response.results[0]
@@ -140,3 +141,59 @@ async def test_apply_transitions_answers_each_item_apart(
     assert [(s["task_id"], s["state"]) for s in states] == sorted(
         [(f"{first}/a", running), (f"{second}/a", running)]
     )
+
+
+async def test_apply_transitions_ends_a_run_with_its_last_step(
+    ledger: Ledger, ledger_target: str
+) -> None:
+    """A run item goes in order after its run's task items: the last step's end,
+    the run's end and the claim's release are one call and one commit."""
+    run_id, epoch = await claimed_run(ledger, "run-item", steps=("a",))
+    running, succeeded = common_pb2.TASK_RUN_STATE_RUNNING, common_pb2.TASK_RUN_STATE_SUCCEEDED
+    run_end = pb.TransitionRunRequest(
+        request_id="end",
+        run_id=run_id,
+        epoch=epoch,
+        actor=ACTOR,
+        state=common_pb2.WORKFLOW_RUN_STATE_SUCCEEDED,
+        release_claim=True,
+        release_reason="terminal",
+    )
+    channel, ledger_stub = stub(ledger_target, SERVICE_TOKEN)
+    async with channel:
+        early = await ledger_stub.ApplyTransitions(
+            pb.ApplyTransitionsRequest(transitions=[pb.StepTransition(run=run_end)])
+        )
+        assert early.results[0].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        assert "PENDING" in early.results[0].error.message  # the run is not RUNNING yet
+        started = pb.TransitionRunRequest()
+        started.CopyFrom(run_end)
+        started.request_id, started.release_claim = "start", False
+        started.state = common_pb2.WORKFLOW_RUN_STATE_RUNNING
+        response = await ledger_stub.ApplyTransitions(
+            pb.ApplyTransitionsRequest(
+                transitions=[
+                    pb.StepTransition(run=started),
+                    _task_item(run_id, epoch, "a", running, "a-run"),
+                    _task_item(run_id, epoch, "a", succeeded, "a-done"),
+                    pb.StepTransition(run=run_end),
+                ]
+            )
+        )
+    kinds = [r.WhichOneof("result") for r in response.results]
+    assert kinds == ["run", "task", "task", "run"]
+    end = response.results[-1].run
+    assert end.run.state == common_pb2.WORKFLOW_RUN_STATE_SUCCEEDED
+    assert end.run.claim.executor_id == ""
+    rows = await ledger.pool.fetch(
+        "SELECT type, xid::text AS xid FROM events WHERE run_id = $1 AND sequence >= $2"
+        " ORDER BY sequence",
+        run_id,
+        end.event_sequence - 1,
+    )
+    assert [r["type"] for r in rows] == [
+        E.RUN_EVENT_TYPE_TASK_STATE_CHANGED,  # a SUCCEEDED
+        E.RUN_EVENT_TYPE_RUN_STATE_CHANGED,
+        E.RUN_EVENT_TYPE_CLAIM_RELEASED,
+    ]
+    assert len({r["xid"] for r in rows}) == 1  # one commit

@@ -461,3 +461,54 @@ async def test_cancel_of_a_waiting_run_applies_even_while_claimed(
     )
     assert response.applied
     assert response.run.state == R.WORKFLOW_RUN_STATE_CANCELLED
+
+
+async def test_a_run_transition_releases_the_claim_in_the_same_commit(ledger: Ledger) -> None:
+    """``release_claim``: the state change and the release are one commit, the
+    CLAIM_RELEASED event right after the state change's; a replay changes
+    nothing; a stale epoch is refused with nothing changed."""
+    store = ledger.store
+    run_id, epoch = await claimed_run(ledger)
+    await store.transition_run(run_request(run_id, epoch, R.WORKFLOW_RUN_STATE_RUNNING))
+    before = await _snapshot(ledger, run_id)
+    with pytest.raises(FailedPrecondition):
+        await store.transition_run(
+            run_request(run_id, epoch + 1, R.WORKFLOW_RUN_STATE_PAUSED, release_claim=True)
+        )
+    assert await _snapshot(ledger, run_id) == before
+    request = run_request(
+        run_id, epoch, R.WORKFLOW_RUN_STATE_PAUSED, release_claim=True, release_reason="paused"
+    )
+    paused = await store.transition_run(request)
+    assert paused.run.state == R.WORKFLOW_RUN_STATE_PAUSED
+    assert paused.run.claim.executor_id == ""
+    assert paused.run.claim.epoch == epoch
+    row = await ledger.pool.fetchrow(
+        "SELECT claim_executor, claim_expire <= clock_timestamp() AS ended FROM runs"
+        " WHERE run_id = $1",
+        run_id,
+    )
+    assert row["claim_executor"] is None and row["ended"]
+    events = await ledger.pool.fetch(
+        "SELECT sequence, type, xid::text AS xid, payload FROM events WHERE run_id = $1"
+        " ORDER BY sequence",
+        run_id,
+    )
+    changed, released = events[-2:]
+    assert changed["sequence"] == paused.event_sequence
+    assert (changed["type"], released["type"]) == (
+        E.RUN_EVENT_TYPE_RUN_STATE_CHANGED,
+        E.RUN_EVENT_TYPE_CLAIM_RELEASED,
+    )
+    assert changed["xid"] == released["xid"]  # one commit
+    assert released["payload"] == {"epoch": epoch, "reason": "paused"}
+    # A replay answers the same and appends nothing.
+    assert await store.transition_run(request) == paused
+    assert await ledger.pool.fetchval("SELECT count(*) FROM events WHERE run_id = $1", run_id) == (
+        len(events)
+    )
+    # Released: another executor may claim the run at once.
+    again = await store.claim_run(
+        pb.ClaimRunRequest(request_id=rid(), run_id=run_id, executor_id="executor-b")
+    )
+    assert again.claim.executor_id == "executor-b" and again.claim.epoch == epoch + 1

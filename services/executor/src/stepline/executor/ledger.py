@@ -1,7 +1,7 @@
 """A thin client over ``LedgerService`` for the executor.
 
 :class:`Ledger` makes the calls; :class:`Fence` carries one claim (a run's or a
-chunk's) and writes under it. Task and chunk transitions, the bulk of the
+chunk's) and writes under it. Task, chunk and run transitions, the bulk of the
 traffic, go through a :class:`TransitionBatcher`: the transitions of all the
 runs the executor holds share ``ApplyTransitions`` calls.
 
@@ -289,7 +289,12 @@ class Fence:
         failure: common_pb2.Failure | None = None,
         outputs: Mapping[str, Any] | None = None,
         reason: str = "",
+        release: str | None = None,
+        after: pb.StepTransition | None = None,
     ) -> run_pb2.WorkflowRun:
+        """Move the run to ``state``; with ``release`` (its reason) the claim is
+        released in the same commit, and ``after`` (a step's end) is applied
+        first, in the same call. Returns the run (RUN_VIEW_BASIC)."""
         request = pb.TransitionRunRequest(
             request_id=self._id("run", R.Name(state)),  # type: ignore[arg-type]
             run_id=self.run_id,
@@ -298,11 +303,14 @@ class Fence:
             state=state,  # type: ignore[arg-type]
             failure=failure,
             reason=reason,
+            release_claim=release is not None,
+            release_reason=release or "",
         )
         if outputs is not None:
             request.outputs.CopyFrom(struct(outputs))
-        response = await self.ledger.call(self.ledger.stub.TransitionRun, request)
-        return response.run
+        item = pb.StepTransition(run=request)
+        results = await self.apply_changes([item] if after is None else [after, item])
+        return results[-1].run.run
 
     async def transition_step(
         self,

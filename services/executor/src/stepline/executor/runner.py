@@ -274,19 +274,22 @@ class Execution:
                 return halt
             if step.id in self.outputs:
                 self._record_output(step.id, self.outputs[step.id], top=not prefix)
-        await self.flush_carry()  # a guard: a carry is only made when a step follows
-        return None
+        if prefix:
+            await self.flush_carry()  # a guard: only the run's own sequence carries
+        return None  # a carried last step's end goes with the run's end (finish)
 
     def _may_carry(
         self, prefix: str, step: workflow_pb2.Step, following: workflow_pb2.Step | None
     ) -> bool:
-        """Whether ``step``'s end may travel with ``following``'s start: two
-        atomic steps of the run's own sequence (not a parallel branch), the next
-        one not started, neither holding a device (whose release or lease would
-        come between)."""
-        if prefix or following is None:
+        """Whether ``step``'s end may travel with ``following``'s start, or (the
+        last step) with the run's end: atomic steps of the run's own sequence
+        (not a parallel branch), the next one not started, neither holding a
+        device (whose release or lease would come between)."""
+        if prefix or step.WhichOneof("kind") != "atomic":
             return False
-        if step.WhichOneof("kind") != "atomic" or following.WhichOneof("kind") != "atomic":
+        if following is None:
+            return not self.devices.covers(step.id)
+        if following.WhichOneof("kind") != "atomic":
             return False
         nxt = self.tasks.get(following.id)
         return (
@@ -510,15 +513,21 @@ class Execution:
 
     async def finish(self, halt: Halt | None) -> RunEnd:
         fence = self.fence
+        # The last step's end, if it was carried (only when the steps ran to
+        # the end): it goes first in the call that ends the run.
+        carry = self.take_carry()
         if halt is None and self.control.cancelled:
             # A cancel that came while the last step ran (e.g. a verb that is
             # not cancellable, run to its end) is honoured at the run's end too.
             halt = Halt("cancel")
         if halt is None:
-            await fence.transition_run(R.WORKFLOW_RUN_STATE_SUCCEEDED, outputs=self.last_output)
-            return await self._released(
-                RunEnd(R.WORKFLOW_RUN_STATE_SUCCEEDED, outputs=self.last_output), "terminal"
+            await fence.transition_run(
+                R.WORKFLOW_RUN_STATE_SUCCEEDED,
+                outputs=self.last_output,
+                release="terminal",
+                after=carry,
             )
+            return RunEnd(R.WORKFLOW_RUN_STATE_SUCCEEDED, outputs=self.last_output)
         if halt.kind == "lost":
             return RunEnd(0)
         if halt.kind == "suspend":  # see govern.suspend
@@ -539,8 +548,10 @@ class Execution:
             )
         if halt.kind in ("pause", "policy_pause"):
             why = halt.failure if halt.kind == "policy_pause" else None
-            await fence.transition_run(R.WORKFLOW_RUN_STATE_PAUSED, failure=why, reason=halt.kind)
-            return await self._released(RunEnd(R.WORKFLOW_RUN_STATE_PAUSED, why), "paused")
+            await fence.transition_run(
+                R.WORKFLOW_RUN_STATE_PAUSED, failure=why, reason=halt.kind, release="paused"
+            )
+            return RunEnd(R.WORKFLOW_RUN_STATE_PAUSED, why)
         if halt.kind == "cancel":
             state = R.WORKFLOW_RUN_STATE_CANCELLED
             why = failure(
@@ -554,8 +565,8 @@ class Execution:
             state = R.WORKFLOW_RUN_STATE_TIMED_OUT if timed_out else R.WORKFLOW_RUN_STATE_FAILED
             why = halt.failure or failure(F.FAILURE_REASON_INTERNAL, "a step failed")
         log.info("run ends %s: %s", R.Name(state), why.message)
-        await fence.transition_run(state, failure=why)
-        return await self._released(RunEnd(state, why), "terminal")
+        await fence.transition_run(state, failure=why, release="terminal", after=carry)
+        return RunEnd(state, why)
 
     async def _released(self, end: RunEnd, reason: str) -> RunEnd:
         try:

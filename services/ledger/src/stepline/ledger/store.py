@@ -367,11 +367,12 @@ class LedgerStore:
                 claimable.key,
             )
             log = EventLog(request.run_id, run["last_sequence"])
-            log.add(
-                E.RUN_EVENT_TYPE_CLAIM_RELEASED,
-                common_pb2.Principal(id=request.executor_id),
+            _add_released(
+                log,
+                request.executor_id,
+                epoch=request.epoch,
                 chunk_id=request.chunk_id,
-                payload={"epoch": request.epoch, "reason": request.reason},
+                reason=request.reason,
             )
             response = pb.ReleaseClaimResponse()
             response.claim.epoch = request.epoch
@@ -399,7 +400,7 @@ class LedgerStore:
                 return earlier
             check_claim(run, request.epoch, what=f"run {request.run_id}")
             log = EventLog(request.run_id, run["last_sequence"])
-            sequence = await _apply_run_state(
+            sequence, row = await _apply_run_state(
                 conn,
                 run,
                 log,
@@ -408,11 +409,9 @@ class LedgerStore:
                 failure=request.failure if request.HasField("failure") else None,
                 outputs=request.outputs if request.HasField("outputs") else None,
                 reason=request.reason,
+                release=request.release_reason if request.release_claim else None,
             )
-            response = pb.TransitionRunResponse(
-                run=await read_run(conn, request.run_id, view=run_pb2.RUN_VIEW_BASIC),
-                event_sequence=sequence,
-            )
+            response = pb.TransitionRunResponse(run=convert.run(row), event_sequence=sequence)
             await log.flush(conn, request=request, response=response)
             return response
 
@@ -457,7 +456,9 @@ class LedgerStore:
                     return pb.StepTransitionResult(task=await self.transition_task(item.task))
                 if change == "chunk":
                     return pb.StepTransitionResult(chunk=await self.transition_chunk(item.chunk))
-                raise InvalidArgument("set task or chunk")
+                if change == "run":
+                    return pb.StepTransitionResult(run=await self.transition_run(item.run))
+                raise InvalidArgument("set task, chunk or run")
             except SteplineError as exc:
                 error = pb.TransitionError(
                     code=status_number(exc), message=f"transitions[{index}]: {exc}"
@@ -981,8 +982,11 @@ async def _apply_run_state(
     failure: common_pb2.Failure | None,
     outputs: Any,
     reason: str,
-) -> int:
-    """Move a run to ``target``; a terminal state also ends its open tasks and chunks."""
+    release: str | None = None,
+) -> tuple[int, asyncpg.Record]:
+    """Move a run to ``target``; a terminal state also ends its open tasks and chunks.
+    With ``release`` (its reason) the run's claim is released too, as ReleaseClaim
+    does. Returns the state change's event sequence and the updated run row."""
     current = run["state"]
     if not states.run_transition_allowed(current, target):
         raise FailedPrecondition(
@@ -992,7 +996,7 @@ async def _apply_run_state(
     terminal = target in states.RUN_TERMINAL
     if terminal:
         await _end_open_steps(conn, run, log, target, actor)
-    await conn.execute(
+    row: asyncpg.Record = await conn.fetchrow(
         "UPDATE runs SET state = $2::smallint, update_time = clock_timestamp(),"
         " start_time = CASE WHEN $2::smallint = 2 THEN coalesce(start_time, clock_timestamp())"
         "   ELSE start_time END,"
@@ -1000,15 +1004,19 @@ async def _apply_run_state(
         " failure = coalesce($4, CASE WHEN $2::smallint = 2 THEN NULL ELSE failure END),"
         " outputs = coalesce($5, outputs),"
         " pending_control = CASE WHEN $3 OR ($2::smallint = 4 AND pending_control = 2) THEN 0"
-        "   ELSE pending_control END"
-        " WHERE run_id = $1",
+        "   ELSE pending_control END,"
+        # a released claim keeps its release time in claim_expire (see release_claim)
+        " claim_executor = CASE WHEN $6 THEN NULL ELSE claim_executor END,"
+        " claim_expire = CASE WHEN $6 THEN clock_timestamp() ELSE claim_expire END"
+        " WHERE run_id = $1 RETURNING *",
         run["run_id"],
         target,
         terminal,
         failure_dict(failure),
         convert.to_dict(outputs) if outputs is not None else None,
+        release is not None,
     )
-    return log.add(
+    sequence = log.add(
         E.RUN_EVENT_TYPE_RUN_STATE_CHANGED,
         actor,
         payload={
@@ -1028,6 +1036,18 @@ async def _apply_run_state(
                 parent_run_id=run["parent_run_id"] or "",
             ),
         ),
+    )
+    if release is not None:
+        _add_released(log, actor.id, epoch=run["claim_epoch"], chunk_id="", reason=release)
+    return sequence, row
+
+
+def _add_released(log: EventLog, holder: str, *, epoch: int, chunk_id: str, reason: str) -> None:
+    log.add(
+        E.RUN_EVENT_TYPE_CLAIM_RELEASED,
+        common_pb2.Principal(id=holder),
+        chunk_id=chunk_id,
+        payload={"epoch": epoch, "reason": reason},
     )
 
 

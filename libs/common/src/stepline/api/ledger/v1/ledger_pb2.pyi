@@ -610,6 +610,8 @@ class TransitionRunRequest(_message.Message):
     FAILURE_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    RELEASE_CLAIM_FIELD_NUMBER: _builtins.int
+    RELEASE_REASON_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key."""
     run_id: _builtins.str
@@ -620,6 +622,13 @@ class TransitionRunRequest(_message.Message):
     """Target state."""
     reason: _builtins.str
     """Free text for the event log (e.g. the operator's pause reason)."""
+    release_claim: _builtins.bool
+    """Also release the caller's run claim, in the same commit, as ReleaseClaim
+    with `epoch` would: for an executor ending or pausing the run it holds.
+    The CLAIM_RELEASED event follows the state change's.
+    """
+    release_reason: _builtins.str
+    """Why the claim is released, for the event log (see ReleaseClaimRequest.reason)."""
     @_builtins.property
     def actor(self) -> _common_pb2.Principal:
         """Who causes the change (the executor, or the operator it acts for)."""
@@ -643,10 +652,12 @@ class TransitionRunRequest(_message.Message):
         failure: _common_pb2.Failure | None = ...,
         outputs: _struct_pb2.Struct | None = ...,
         reason: _builtins.str = ...,
+        release_claim: _builtins.bool = ...,
+        release_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "failure", b"failure", "outputs", b"outputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "epoch", b"epoch", "failure", b"failure", "outputs", b"outputs", "reason", b"reason", "request_id", b"request_id", "run_id", b"run_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "epoch", b"epoch", "failure", b"failure", "outputs", b"outputs", "reason", b"reason", "release_claim", b"release_claim", "release_reason", b"release_reason", "request_id", b"request_id", "run_id", b"run_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -952,6 +963,7 @@ class StepTransition(_message.Message):
 
     TASK_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def task(self) -> Global___TransitionTaskRequest:
         """As TransitionTask."""
@@ -960,17 +972,24 @@ class StepTransition(_message.Message):
     def chunk(self) -> Global___TransitionChunkRequest:
         """As TransitionChunk."""
 
+    @_builtins.property
+    def run(self) -> Global___TransitionRunRequest:
+        """As TransitionRun: e.g. a run's end, in the call (and commit) of its
+        last step's end.
+        """
+
     def __init__(
         self,
         *,
         task: Global___TransitionTaskRequest | None = ...,
         chunk: Global___TransitionChunkRequest | None = ...,
+        run: Global___TransitionRunRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "chunk", b"chunk", "task", b"task"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "chunk", b"chunk", "run", b"run", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "chunk", b"chunk", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "chunk", b"chunk", "run", b"run", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["task", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["task", "chunk", "run"]  # noqa: Y015
     _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
 
@@ -1035,6 +1054,7 @@ class StepTransitionResult(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def task(self) -> Global___TransitionTaskResponse:
         """As TransitionTask returns it."""
@@ -1047,18 +1067,23 @@ class StepTransitionResult(_message.Message):
     def error(self) -> Global___TransitionError:
         """The item was refused; nothing of it was applied."""
 
+    @_builtins.property
+    def run(self) -> Global___TransitionRunResponse:
+        """As TransitionRun returns it."""
+
     def __init__(
         self,
         *,
         task: Global___TransitionTaskResponse | None = ...,
         chunk: Global___TransitionChunkResponse | None = ...,
         error: Global___TransitionError | None = ...,
+        run: Global___TransitionRunResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "error", b"error", "result", b"result", "task", b"task"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "error", b"error", "result", b"result", "run", b"run", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "error", b"error", "result", b"result", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "error", b"error", "result", b"result", "run", b"run", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["task", "chunk", "error"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["task", "chunk", "error", "run"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 

@@ -222,8 +222,9 @@ class LedgerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ApplyTransitions(self, request, context):
-        """Applies several task and chunk transitions, of one run or many, in one
-        call: each exactly as TransitionTask or TransitionChunk would (its own
+        """Applies several task, chunk and run transitions, of one run or many, in
+        one call: each exactly as TransitionTask, TransitionChunk or TransitionRun
+        would (its own
         validation, fencing and idempotency; concurrent ones share commits) and
         answered on its own, so a refused item leaves the others applied. Items
         are independent; those of one run are applied in request order. An

@@ -68,8 +68,9 @@ class LedgerServiceStub:
     claim (or the run claim, for chunks nobody holds).
     """
     ApplyTransitions: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ApplyTransitionsRequest, _ledger_pb2.ApplyTransitionsResponse]
-    """Applies several task and chunk transitions, of one run or many, in one
-    call: each exactly as TransitionTask or TransitionChunk would (its own
+    """Applies several task, chunk and run transitions, of one run or many, in
+    one call: each exactly as TransitionTask, TransitionChunk or TransitionRun
+    would (its own
     validation, fencing and idempotency; concurrent ones share commits) and
     answered on its own, so a refused item leaves the others applied. Items
     are independent; those of one run are applied in request order. An
@@ -150,8 +151,9 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     claim (or the run claim, for chunks nobody holds).
     """
     ApplyTransitions: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ApplyTransitionsRequest, _ledger_pb2.ApplyTransitionsResponse]  # type: ignore[assignment]
-    """Applies several task and chunk transitions, of one run or many, in one
-    call: each exactly as TransitionTask or TransitionChunk would (its own
+    """Applies several task, chunk and run transitions, of one run or many, in
+    one call: each exactly as TransitionTask, TransitionChunk or TransitionRun
+    would (its own
     validation, fencing and idempotency; concurrent ones share commits) and
     answered on its own, so a refused item leaves the others applied. Items
     are independent; those of one run are applied in request order. An
@@ -289,8 +291,9 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ledger_pb2.ApplyTransitionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.ApplyTransitionsResponse, _abc.Awaitable[_ledger_pb2.ApplyTransitionsResponse]]:
-        """Applies several task and chunk transitions, of one run or many, in one
-        call: each exactly as TransitionTask or TransitionChunk would (its own
+        """Applies several task, chunk and run transitions, of one run or many, in
+        one call: each exactly as TransitionTask, TransitionChunk or TransitionRun
+        would (its own
         validation, fencing and idempotency; concurrent ones share commits) and
         answered on its own, so a refused item leaves the others applied. Items
         are independent; those of one run are applied in request order. An

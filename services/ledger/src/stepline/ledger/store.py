@@ -15,8 +15,8 @@ import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, TypeVar
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 from google.protobuf.message import Message
@@ -154,11 +154,21 @@ class LedgerStore:
                 return earlier
             run_id = str(uuid.uuid4())
             timeout = definition.run_timeout.ToTimedelta().total_seconds() or None
-            await conn.execute(
-                "INSERT INTO runs (run_id, request_id, workflow_name, workflow_version,"
-                " definition, state, inputs, labels, initiator_id, initiator_roles,"
-                " parent_run_id, parent_task_id, schedule_id, run_timeout_s)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            tasks = [
+                (
+                    f"{run_id}/{t.step_path}",
+                    t.step_id,
+                    t.step_path,
+                    ordinal,
+                    int(t.kind),
+                    t.verb,
+                    t.child_workflow_version,
+                )
+                for ordinal, t in enumerate(request.tasks)
+            ]
+            # The run, its tasks and their read for the response: one statement.
+            row = await conn.fetchrow(
+                _CREATE_RUN_SQL,
                 run_id,
                 request.request_id,
                 definition.name,
@@ -173,24 +183,7 @@ class LedgerStore:
                 request.parent_task_id or None,
                 request.schedule_id or None,
                 timeout,
-            )
-            await conn.executemany(
-                "INSERT INTO tasks (task_id, run_id, step_id, step_path, ordinal, kind, verb,"
-                " state, child_workflow_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                [
-                    (
-                        f"{run_id}/{t.step_path}",
-                        run_id,
-                        t.step_id,
-                        t.step_path,
-                        ordinal,
-                        int(t.kind),
-                        t.verb,
-                        T.TASK_RUN_STATE_PENDING,
-                        t.child_workflow_version,
-                    )
-                    for ordinal, t in enumerate(request.tasks)
-                ],
+                *(list(column) for column in zip(*tasks, strict=True)),
             )
             log = EventLog(run_id, 0)
             log.add(
@@ -213,7 +206,7 @@ class LedgerStore:
                 ),
             )
             response = pb.CreateRunResponse(
-                run=await read_run(conn, run_id, view=run_pb2.RUN_VIEW_TASKS), created=True
+                run=run_from_row(row, view=run_pb2.RUN_VIEW_TASKS), created=True
             )
             await log.flush(conn, request=request, response=response)
             return response
@@ -255,17 +248,11 @@ class LedgerStore:
                     f"{what} is claimed by {target['claim_executor']} "
                     f"until {target['claim_expire'].isoformat()}"
                 )
-            epoch = target["claim_epoch"] + 1
-            expire = run["now"] + timedelta(seconds=seconds)
-            await conn.execute(
-                f"UPDATE {claimable.table} SET claim_executor = $2, claim_epoch = $3,"
-                " claim_time = $4,"
-                f" claim_expire = $5 WHERE {claimable.column} = $1",
-                claimable.key,
+            new = _NewClaim(
                 request.executor_id,
-                epoch,
+                target["claim_epoch"] + 1,
                 run["now"],
-                expire,
+                run["now"] + timedelta(seconds=seconds),
             )
             log = EventLog(request.run_id, run["last_sequence"])
             holder = common_pb2.Principal(id=request.executor_id)
@@ -273,15 +260,24 @@ class LedgerStore:
                 E.RUN_EVENT_TYPE_CLAIMED,
                 holder,
                 chunk_id=request.chunk_id,
-                payload={"epoch": epoch, "expire_time": expire.isoformat()},
+                payload={"epoch": new.epoch, "expire_time": new.expire.isoformat()},
             )
-            if (
+            full = run_pb2.RUN_VIEW_FULL
+            if request.chunk_id:
+                await conn.execute(
+                    "UPDATE chunks SET claim_executor = $2, claim_epoch = $3, claim_time = $4,"
+                    " claim_expire = $5 WHERE chunk_id = $1",
+                    request.chunk_id,
+                    *new,
+                )
+                response = pb.ClaimRunResponse(run=await read_run(conn, request.run_id, view=full))
+            elif (
                 request.start
-                and not request.chunk_id
                 and run["state"] == R.WORKFLOW_RUN_STATE_PENDING
                 and not run["pending_control"]
             ):
-                await _apply_run_state(
+                # The claim, the run's start and its read: one statement.
+                _, row = await _apply_run_state(
                     conn,
                     run,
                     log,
@@ -290,10 +286,13 @@ class LedgerStore:
                     failure=None,
                     outputs=None,
                     reason="claimed",
+                    claim=new,
+                    with_tasks=True,
                 )
-            response = pb.ClaimRunResponse(
-                run=await read_run(conn, request.run_id, view=run_pb2.RUN_VIEW_FULL)
-            )
+                response = pb.ClaimRunResponse(run=run_from_row(row, view=full))
+            else:
+                row = await conn.fetchrow(_CLAIM_RUN_SQL, request.run_id, *new)
+                response = pb.ClaimRunResponse(run=run_from_row(row, view=full))
             if request.chunk_id:
                 response.chunk.CopyFrom(await read_chunk(conn, request.chunk_id))
                 response.claim.CopyFrom(response.chunk.claim)
@@ -983,10 +982,14 @@ async def _apply_run_state(
     outputs: Any,
     reason: str,
     release: str | None = None,
+    claim: _NewClaim | None = None,
+    with_tasks: bool = False,
 ) -> tuple[int, asyncpg.Record]:
     """Move a run to ``target``; a terminal state also ends its open tasks and chunks.
     With ``release`` (its reason) the run's claim is released too, as ReleaseClaim
-    does. Returns the state change's event sequence and the updated run row."""
+    does; with ``claim`` it is set (ClaimRun). Returns the state change's event
+    sequence and the updated run row (with its tasks' parts, see
+    :func:`run_from_row`, if ``with_tasks``), all in one statement."""
     current = run["state"]
     if not states.run_transition_allowed(current, target):
         raise FailedPrecondition(
@@ -997,24 +1000,14 @@ async def _apply_run_state(
     if terminal:
         await _end_open_steps(conn, run, log, target, actor)
     row: asyncpg.Record = await conn.fetchrow(
-        "UPDATE runs SET state = $2::smallint, update_time = clock_timestamp(),"
-        " start_time = CASE WHEN $2::smallint = 2 THEN coalesce(start_time, clock_timestamp())"
-        "   ELSE start_time END,"
-        " end_time = CASE WHEN $3 THEN clock_timestamp() ELSE end_time END,"
-        " failure = coalesce($4, CASE WHEN $2::smallint = 2 THEN NULL ELSE failure END),"
-        " outputs = coalesce($5, outputs),"
-        " pending_control = CASE WHEN $3 OR ($2::smallint = 4 AND pending_control = 2) THEN 0"
-        "   ELSE pending_control END,"
-        # a released claim keeps its release time in claim_expire (see release_claim)
-        " claim_executor = CASE WHEN $6 THEN NULL ELSE claim_executor END,"
-        " claim_expire = CASE WHEN $6 THEN clock_timestamp() ELSE claim_expire END"
-        " WHERE run_id = $1 RETURNING *",
+        _RUN_STATE_TASKS_SQL if with_tasks else _RUN_STATE_SQL,
         run["run_id"],
         target,
         terminal,
         failure_dict(failure),
         convert.to_dict(outputs) if outputs is not None else None,
         release is not None,
+        *(claim or _NO_CLAIM),
     )
     sequence = log.add(
         E.RUN_EVENT_TYPE_RUN_STATE_CHANGED,
@@ -1040,6 +1033,31 @@ async def _apply_run_state(
     if release is not None:
         _add_released(log, actor.id, epoch=run["claim_epoch"], chunk_id="", reason=release)
     return sequence, row
+
+
+class _NewClaim(NamedTuple):
+    executor_id: str
+    epoch: int
+    time: datetime
+    expire: datetime
+
+
+_NO_CLAIM = (None, None, None, None)
+_RUN_STATE_SQL = (
+    "UPDATE runs r SET state = $2::smallint, update_time = clock_timestamp(),"
+    " start_time = CASE WHEN $2::smallint = 2 THEN coalesce(start_time, clock_timestamp())"
+    "   ELSE start_time END,"
+    " end_time = CASE WHEN $3 THEN clock_timestamp() ELSE end_time END,"
+    " failure = coalesce($4, CASE WHEN $2::smallint = 2 THEN NULL ELSE failure END),"
+    " outputs = coalesce($5, outputs),"
+    " pending_control = CASE WHEN $3 OR ($2::smallint = 4 AND pending_control = 2) THEN 0"
+    "   ELSE pending_control END,"
+    # a released claim keeps its release time in claim_expire (see release_claim)
+    " claim_executor = CASE WHEN $6 THEN NULL ELSE coalesce($7, claim_executor) END,"
+    " claim_epoch = coalesce($8, claim_epoch), claim_time = coalesce($9, claim_time),"
+    " claim_expire = CASE WHEN $6 THEN clock_timestamp() ELSE coalesce($10, claim_expire) END"
+    " WHERE run_id = $1 RETURNING r.*"
+)
 
 
 def _add_released(log: EventLog, holder: str, *, epoch: int, chunk_id: str, reason: str) -> None:
@@ -1142,10 +1160,10 @@ async def read_chunk(conn: asyncpg.Connection, chunk_id: str) -> run_pb2.ChunkRu
     return convert.chunk(row, row["attempts_json"], files.get(chunk_id, []))
 
 
-# A run with its tasks, their attempts, chunk counts and artifact descriptions,
-# in one statement (one round trip) for the TASKS and FULL views.
-_READ_RUN_TASKS_SQL = f"""
-SELECT r.*,
+# The parts of run ``r`` that the TASKS and FULL views add: its tasks, their
+# attempts, chunk counts and artifact descriptions (subqueries, so that a read or
+# an UPDATE ... RETURNING of the run gets them in the same statement).
+_RUN_TASK_PARTS = f"""
     (SELECT array_agg(t ORDER BY t.ordinal) FROM tasks t WHERE t.run_id = r.run_id) AS read_tasks,
     (SELECT array_agg(a ORDER BY a.owner_id, a.attempt_number) FROM attempts a
         WHERE a.run_id = r.run_id AND a.chunk_id IS NULL) AS read_attempts,
@@ -1154,9 +1172,35 @@ SELECT r.*,
         GROUP BY task_id, state) c) AS read_counts,
     (SELECT json_agg(f ORDER BY f.create_time, f.artifact_id) FROM (
         SELECT {artifacts.DESCRIPTION_COLUMNS} FROM artifacts
-        WHERE run_id = r.run_id AND chunk_id IS NULL) f) AS read_artifacts
-FROM runs r WHERE r.run_id = $1
+        WHERE run_id = r.run_id AND chunk_id IS NULL) f) AS read_artifacts"""
+_READ_RUN_TASKS_SQL = f"SELECT r.*, {_RUN_TASK_PARTS} FROM runs r WHERE r.run_id = $1"
+_RUN_STATE_TASKS_SQL = f"{_RUN_STATE_SQL}, {_RUN_TASK_PARTS}"
+# Tasks are new: no attempts, chunks or artifacts yet.
+_CREATE_RUN_SQL = f"""
+WITH r AS (
+    INSERT INTO runs (run_id, request_id, workflow_name, workflow_version,
+        definition, state, inputs, labels, initiator_id, initiator_roles,
+        parent_run_id, parent_task_id, schedule_id, run_timeout_s)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+    RETURNING *
+), t AS (
+    INSERT INTO tasks (task_id, run_id, step_id, step_path, ordinal, kind, verb, state,
+        child_workflow_version)
+    SELECT x.task_id, $1, x.step_id, x.step_path, x.ordinal, x.kind, x.verb,
+        {T.TASK_RUN_STATE_PENDING}, x.child_workflow_version
+    FROM unnest($15::text[], $16::text[], $17::text[], $18::int[], $19::smallint[],
+        $20::text[], $21::bigint[])
+        AS x(task_id, step_id, step_path, ordinal, kind, verb, child_workflow_version)
+    RETURNING *
+)
+SELECT r.*, (SELECT array_agg(t::tasks ORDER BY t.ordinal) FROM t) AS read_tasks,
+    NULL::attempts[] AS read_attempts, NULL::json AS read_counts, NULL::json AS read_artifacts
+FROM r
 """
+_CLAIM_RUN_SQL = (
+    "UPDATE runs r SET claim_executor = $2, claim_epoch = $3, claim_time = $4,"
+    f" claim_expire = $5 WHERE r.run_id = $1 RETURNING r.*, {_RUN_TASK_PARTS}"
+)
 
 
 async def read_run(conn: asyncpg.Connection, run_id: str, *, view: int) -> run_pb2.WorkflowRun:
@@ -1167,6 +1211,13 @@ async def read_run(conn: asyncpg.Connection, run_id: str, *, view: int) -> run_p
         row = await conn.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
     if row is None:
         raise NotFound(f"run {run_id!r} does not exist")
+    return run_from_row(row, view=view)
+
+
+def run_from_row(row: Mapping[str, Any], *, view: int) -> run_pb2.WorkflowRun:
+    """The run of a ``runs`` row in ``view``; for TASKS and FULL the row also has
+    the parts of ``_RUN_TASK_PARTS``."""
+    with_tasks = view in (run_pb2.RUN_VIEW_TASKS, run_pb2.RUN_VIEW_FULL)
     result = convert.run(row, with_definition=view == run_pb2.RUN_VIEW_FULL)
     if with_tasks:
         by_owner = convert.group_by(row["read_attempts"] or [], "owner_id")

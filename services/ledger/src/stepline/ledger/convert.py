@@ -224,15 +224,23 @@ def chunk(row: Row, attempts: list[Row], artifacts: Sequence[Row] = ()) -> run_p
 
 
 def event(row: Row) -> run_pb2.RunEvent:
-    result = run_pb2.RunEvent(
-        event_id=str(row["event_id"]),
-        run_id=row["run_id"],
-        sequence=row["sequence"],
-        type=row["type"],
-        actor=common_pb2.Principal(id=row["actor_id"], roles=row["actor_roles"]),
-        task_id=row["task_id"] or "",
-        chunk_id=row["chunk_id"] or "",
-        payload=struct(row["payload"]),
-    )
-    _set_time(result, "time", row["time"])
+    result = run_pb2.RunEvent(payload=struct(row["payload"]))
+    fill_event(result, row)
     return result
+
+
+def fill_event(result: run_pb2.RunEvent, row: Row) -> None:
+    """Set the fields of an empty ``result`` from an ``events`` row, all but ``payload``
+    (the relay reads it as JSON text, see :func:`stepline.ledger.events.published_event`)."""
+    result.event_id = str(row["event_id"])
+    result.run_id = row["run_id"]
+    result.sequence = row["sequence"]
+    result.type = row["type"]
+    actor = result.actor
+    actor.id = row["actor_id"]
+    actor.roles.extend(row["actor_roles"])
+    if task_id := row["task_id"]:
+        result.task_id = task_id
+    if chunk_id := row["chunk_id"]:
+        result.chunk_id = chunk_id
+    _set_time(result, "time", row["time"])

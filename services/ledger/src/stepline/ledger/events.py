@@ -10,7 +10,9 @@ payload, if any, the row keeps in ``envelope``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -190,17 +192,42 @@ class EventLog:
 
 
 def published_event(row: Any) -> events_pb2.Event:
-    """The ``stepline.api.events.v1.Event`` the relay publishes for an ``events`` row."""
-    record = convert.event(row)
+    """The ``stepline.api.events.v1.Event`` the relay publishes for an ``events`` row,
+    read with its ``payload`` as JSON text (``payload::text``)."""
     envelope = row["envelope"]
-    event = events_pb2.Event.FromString(envelope) if envelope else events_pb2.Event()
+    if envelope:
+        event = events_pb2.Event.FromString(envelope)
+        event.ClearField("record")  # an old outbox body carries one: the row's replaces it
+    else:
+        event = events_pb2.Event()
+    record = event.record
+    convert.fill_event(record, row)
+    record.payload.MergeFromString(payload_struct(row["payload"]))
     event.event_id = record.event_id
     event.run_id = record.run_id
     event.sequence = record.sequence
     event.time.CopyFrom(record.time)
     event.actor.CopyFrom(record.actor)
-    event.record.CopyFrom(record)
     return event
+
+
+def payload_struct(text: str) -> bytes:
+    """An event's payload, JSON text, as a serialized ``google.protobuf.Struct``:
+    those of ``convert.struct(json.loads(text))``. A run's events repeat a few
+    payloads (``{"from_state": "PENDING", "to_state": "RUNNING", ...}``), so short
+    ones are remembered: building a Struct from a dict is slow (pure Python),
+    parsing its bytes is not."""
+    if len(text) <= _CACHED_PAYLOAD_CHARS:
+        return _cached_payload_struct(text)
+    return _payload_struct(text)
+
+
+def _payload_struct(text: str) -> bytes:
+    return convert.struct(json.loads(text)).SerializeToString()
+
+
+_CACHED_PAYLOAD_CHARS = 512
+_cached_payload_struct = functools.lru_cache(maxsize=1024)(_payload_struct)
 
 
 # Appends a run's events. An event appended by a newer transaction than this

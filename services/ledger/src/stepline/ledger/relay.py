@@ -36,12 +36,13 @@ Order
     for a run's lock while another replica appended to its log is refused and
     retried (``ledger_check_append_order``; a transition's guard on the run's
     ``last_sequence`` refuses it too). So the cursor's order is each run's
-    sequence order. A run's events are sent back to back in that order on the
+    sequence order. A pass sends its events back to back in that order on the
     relay's one NATS connection, which JetStream stores in the order they
-    arrive, and their acks are awaited in that order (one write and one wait
-    for many events); different runs are published concurrently. An event that
-    cannot be sent (larger than the server takes) stops its run's sending for
-    the pass, and the cursor never moves past an event not acked.
+    arrive, then checks their acks in that order: one write and one wait for
+    many events (an ack already received is taken without waiting). An event
+    that cannot be sent (larger than the server takes) stops its run's sending
+    for the pass, and the cursor never moves past an event not sent or not
+    acked: the acks after the first such event are not waited for.
     Should two relays ever overlap (a leader that lost its database session
     while a publish was in flight), each still publishes in order and the
     duplicate window keeps only the first copy, so per-run order still holds.
@@ -91,6 +92,7 @@ _CURSOR_SQL = "SELECT xid::text AS xid, run_id, sequence FROM relay_position"
 # The events after the cursor that are readable (see "No event is skipped"), and
 # whether events were committed that are not readable yet, behind an older
 # transaction still running (the first row has it, also when no event is).
+# The payload comes as JSON text, for published_event, and the event id as text.
 # Both parts are index range scans of ``events_relay``, whatever the size of the
 # log: max() reads its last entry, and the events are read in its order (the
 # ORDER BY names the table's columns: ``xid`` alone would be the text alias,
@@ -99,8 +101,9 @@ _SELECT_SQL = """
 SELECT coalesce((SELECT max(xid) FROM events) >= h.horizon, false) AS held_back, e.*
 FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h
 LEFT JOIN LATERAL (
-    SELECT ev.xid::text AS xid, ev.run_id, ev.sequence, ev.event_id, ev.type, ev.actor_id,
-           ev.actor_roles, ev.time, ev.task_id, ev.chunk_id, ev.payload, ev.envelope
+    SELECT ev.xid::text AS xid, ev.run_id, ev.sequence, ev.event_id::text AS event_id, ev.type,
+           ev.actor_id, ev.actor_roles, ev.time, ev.task_id, ev.chunk_id,
+           ev.payload::text AS payload, ev.envelope
     FROM events ev
     WHERE (ev.xid, ev.run_id, ev.sequence) > ($1::text::xid8, $2::text, $3::bigint)
       AND ev.xid < h.horizon
@@ -165,6 +168,9 @@ class EventRelay:
         self.min_pass_interval_s = min_pass_interval_s
         self.publish_timeout_s = publish_timeout_s
         self._after_publish = after_publish
+        self._events_stream = streams.events
+        # Subject of an event type, up to the run id: stepline.events.<kind>.
+        self._subject_prefixes: dict[int, str] = {}
         self._conn: asyncpg.Connection | None = None
         self._leader = False
         self._cursor: Cursor | None = None  # read from relay_position when leading
@@ -233,14 +239,14 @@ class EventRelay:
     async def publish_pending(self) -> int:
         """One pass: publish up to ``batch_size`` events after the cursor.
 
-        A run's events are sent back to back in order and their acks awaited in
-        that order; different runs are published concurrently. Returns how
-        many events were published and passed by the cursor (0 when another
-        relay holds the lock). The cursor moves only past acked events; if a
-        publish fails, the cursor moves past the events acked before the first
-        failed one (in the cursor's order), the rest stay pending (a later pass
-        re-publishes those acked after it; JetStream drops the copies), and the
-        error is raised.
+        The events are sent back to back in the cursor's order (each run's in
+        its order), then their acks checked in that order. Returns how many
+        events were published and passed by the cursor (0 when another relay
+        holds the lock). The cursor moves only past acked events; if a publish
+        fails, the cursor moves past the events acked before the first one not
+        sent or not acked (in the cursor's order), the rest stay pending (a later
+        pass re-publishes them; JetStream drops the copies of those that reached
+        the stream), and the error is raised.
         """
         if not await self.try_lead():
             return 0
@@ -253,18 +259,12 @@ class EventRelay:
         self._held_back = rows[0]["held_back"]
         if rows[0]["event_id"] is None:
             return 0
-        by_run: dict[str, list[int]] = {}
-        for index, row in enumerate(rows):
-            by_run.setdefault(row["run_id"], []).append(index)
-        acked = [False] * len(rows)
-        results = await asyncio.gather(
-            *(self._publish_run(conn, rows, indexes, acked) for indexes in by_run.values()),
-            return_exceptions=True,
-        )
-        failure = next((r for r in results if isinstance(r, BaseException)), None)
-        if failure is not None and not isinstance(failure, Exception):
-            raise failure  # cancelled, or the process is going down: move nothing
-        done = next((i for i, ok in enumerate(acked) if not ok), len(acked))
+        if conn.is_closed():
+            raise ConnectionError("event relay lost its database session")
+        sent, failure = await self._send(rows)
+        done, ack_failure = await self._await_acks(sent)
+        if ack_failure is not None:  # it came before any event not sent
+            failure = ack_failure
         if failure is not None:
             # Keep what was acked, so a long outage does not outlive the duplicate
             # window for those events; the failed ones stay pending.
@@ -283,49 +283,83 @@ class EventRelay:
         transaction older than theirs was still running."""
         return self._held_back
 
-    async def _publish_run(
-        self, conn: asyncpg.Connection, rows: list[Any], indexes: list[int], acked: list[bool]
-    ) -> None:
-        if conn.is_closed():
-            raise ConnectionError("event relay lost its database session")
-        # Send the run's events back to back, in order, then await their acks in
-        # that order (see "Order"): one write and one wait for many events.
+    async def _send(
+        self, rows: list[Any]
+    ) -> tuple[list[tuple[int, str, asyncio.Future[Any]]], Exception | None]:
+        """Send the events in the cursor's order, without waiting (see "Order").
+
+        Returns (index, event id, ack future) of those sent and the first error.
+        An event that cannot be sent (too large, connection closed) is not, nor
+        any later event of its run.
+        """
         sent: list[tuple[int, str, asyncio.Future[Any]]] = []
-        failure: BaseException | None = None
-        for index in indexes:
-            row = rows[index]
-            event_id = str(row["event_id"])
-            subject = self._streams.subject("events", subject_kind(row["type"]), row["run_id"])
-            try:
-                future = await self._js.publish_async(
-                    subject,
-                    published_event(row).SerializeToString(),
-                    stream=self._streams.events,
-                    headers={MSG_ID_HEADER: event_id, CONTENT_TYPE_HEADER: _CONTENT_TYPE},
-                )
-            except Exception as exc:  # not sent (too large, connection closed): send no later one
-                failure = exc
-                break
-            sent.append((index, event_id, future))
+        failure: Exception | None = None
+        stopped: set[str] = set()  # runs with an event not sent
+        prefixes = self._subject_prefixes
+        publish = self._js.publish_async
+        stream = self._events_stream
         try:
-            for position, (index, event_id, future) in enumerate(sent):
+            for index, row in enumerate(rows):
+                run_id = row["run_id"]
+                if stopped and run_id in stopped:
+                    continue
+                type_ = row["type"]
+                prefix = prefixes.get(type_)
+                if prefix is None:
+                    prefix = self._streams.subject("events", subject_kind(type_), "")
+                    prefixes[type_] = prefix
+                event_id = row["event_id"]
                 try:
-                    ack = await asyncio.wait_for(future, self.publish_timeout_s)
-                except BaseException:
-                    for _, _, later in sent[position + 1 :]:
-                        later.cancel()
-                    raise
-                if ack.duplicate:
-                    log.debug("event %s was already in the stream", event_id)
-                if self._after_publish is not None:
-                    await self._after_publish(event_id)
-                acked[index] = True
+                    future = await publish(
+                        prefix + run_id,
+                        published_event(row).SerializeToString(),
+                        stream=stream,
+                        headers={MSG_ID_HEADER: event_id, CONTENT_TYPE_HEADER: _CONTENT_TYPE},
+                    )
+                except Exception as exc:
+                    if failure is None:
+                        failure = exc
+                    stopped.add(run_id)
+                    continue
+                sent.append((index, event_id, future))
+        except BaseException:  # cancelled: no ack will be awaited
+            for _, _, future in sent:
+                future.cancel()
+            raise
+        return sent, failure
+
+    async def _await_acks(
+        self, sent: list[tuple[int, str, asyncio.Future[Any]]]
+    ) -> tuple[int, Exception | None]:
+        """Check the acks in the cursor's order, up to the first event not sent or not
+        acked; returns how many events from the first one were acked, and the error
+        that stopped the count, if any. The acks not awaited are cancelled."""
+        done = 0
+        try:
+            for index, event_id, future in sent:
+                if index != done:
+                    break  # an earlier event was not sent: the cursor stops there
+                # An ack that already came needs no timer (most of them: one read
+                # from the connection brings many).
+                try:
+                    if future.done():
+                        ack = future.result()
+                    else:
+                        ack = await asyncio.wait_for(future, self.publish_timeout_s)
+                    if ack.duplicate:
+                        log.debug("event %s was already in the stream", event_id)
+                    if self._after_publish is not None:
+                        await self._after_publish(event_id)
+                except Exception as exc:
+                    return done, exc
+                done += 1
         finally:
             for _, _, future in sent:
-                if future.done() and not future.cancelled():
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
                     future.exception()  # retrieved: no "never retrieved" warning
-        if failure is not None:
-            raise failure
+        return done, None
 
     async def _advance(self, conn: asyncpg.Connection, last: Any, count: int) -> None:
         cursor: Cursor = (last["xid"], last["run_id"], last["sequence"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -509,6 +510,16 @@ class ApprovalStore:
         if rows:
             self.pulse.fire()
         return len(rows)
+
+    async def runs_with_pending(self, run_ids: Sequence[str]) -> set[str]:
+        """Which of ``run_ids`` have PENDING requests: one query for many runs,
+        where :meth:`cancel_for_run` costs a transaction per run."""
+        rows = await self.pool.fetch(
+            "SELECT DISTINCT run_id FROM approvals WHERE run_id = ANY($1::text[]) AND state = $2",
+            list(run_ids),
+            PENDING,
+        )
+        return {row["run_id"] for row in rows}
 
     async def cancel_for_run(self, run_id: str, *, state_name: str, ended: datetime) -> int:
         """Cancel the PENDING requests of a run that ended at ``ended``.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import pytest
@@ -83,3 +84,35 @@ async def claimed_run(
         )
     )
     return run_id, claim.claim.epoch
+
+
+async def running_run(ledger: Ledger, request_id: str) -> tuple[str, int]:
+    """A claimed run moved to RUNNING; returns (run_id, epoch)."""
+    run_id, epoch = await claimed_run(ledger, request_id)
+    await ledger.store.transition_run(
+        pb.TransitionRunRequest(
+            request_id=f"{request_id}-running",
+            run_id=run_id,
+            epoch=epoch,
+            actor=ACTOR,
+            state=common_pb2.WORKFLOW_RUN_STATE_RUNNING,
+        )
+    )
+    return run_id, epoch
+
+
+async def move_task(
+    ledger: Ledger, run_id: str, epoch: int, step: str, state: int, **fields: Any
+) -> None:
+    """Move task ``step`` of the run to ``state`` (request id from the three)."""
+    await ledger.store.transition_task(
+        pb.TransitionTaskRequest(
+            request_id=f"{run_id}-{step}-{state}",
+            run_id=run_id,
+            task_id=f"{run_id}/{step}",
+            epoch=epoch,
+            actor=ACTOR,
+            state=state,  # type: ignore[arg-type]
+            **fields,
+        )
+    )

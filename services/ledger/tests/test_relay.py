@@ -16,13 +16,12 @@ from nats.js import JetStreamContext
 
 from stepline.api.common.v1 import common_pb2, run_pb2
 from stepline.api.events.v1 import events_pb2
-from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.db import create_pool, load_migrations
 from stepline.common.jetstream import MSG_ID_HEADER, Streams, ensure_streams
 from stepline.ledger.events import EventLog
 from stepline.ledger.relay import EventRelay, pending_count
 
-from .conftest import ACTOR, Ledger, claimed_run
+from .conftest import ACTOR, Ledger, move_task, running_run
 
 R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
@@ -49,34 +48,6 @@ async def _js(nats_client: NATS, streams: Streams) -> JetStreamContext:
     js = nats_client.jetstream()
     await ensure_streams(js, streams)
     return js
-
-
-async def _start(ledger: Ledger, request_id: str) -> tuple[str, int]:
-    """A claimed run moved to RUNNING."""
-    run_id, epoch = await claimed_run(ledger, request_id)
-    await ledger.store.transition_run(
-        pb.TransitionRunRequest(
-            request_id=f"{request_id}-running",
-            run_id=run_id,
-            epoch=epoch,
-            actor=ACTOR,
-            state=R.WORKFLOW_RUN_STATE_RUNNING,
-        )
-    )
-    return run_id, epoch
-
-
-async def _task(ledger: Ledger, run_id: str, epoch: int, step: str, state: int) -> None:
-    await ledger.store.transition_task(
-        pb.TransitionTaskRequest(
-            request_id=f"{run_id}-{step}-{state}",
-            run_id=run_id,
-            task_id=f"{run_id}/{step}",
-            epoch=epoch,
-            actor=ACTOR,
-            state=state,  # type: ignore[arg-type]
-        )
-    )
 
 
 async def _stream_messages(js: JetStreamContext, streams: Streams) -> int:
@@ -125,12 +96,12 @@ async def test_every_event_is_published_once_in_run_order(
     ledger: Ledger, nats_client: NATS, streams: Streams
 ) -> None:
     js = await _js(nats_client, streams)
-    first, epoch1 = await _start(ledger, "req-1")
-    second, epoch2 = await _start(ledger, "req-2")
+    first, epoch1 = await running_run(ledger, "req-1")
+    second, epoch2 = await running_run(ledger, "req-2")
     for step in ("a", "b"):  # interleave the two runs' writes
         for run_id, epoch in ((first, epoch1), (second, epoch2)):
-            await _task(ledger, run_id, epoch, step, T.TASK_RUN_STATE_RUNNING)
-            await _task(ledger, run_id, epoch, step, T.TASK_RUN_STATE_SUCCEEDED)
+            await move_task(ledger, run_id, epoch, step, T.TASK_RUN_STATE_RUNNING)
+            await move_task(ledger, run_id, epoch, step, T.TASK_RUN_STATE_SUCCEEDED)
     total = await pending_count(ledger.pool)
     assert total > 10
 
@@ -185,8 +156,8 @@ async def test_crash_between_publish_and_mark(
     ledger: Ledger, nats_client: NATS, streams: Streams, error: type[BaseException]
 ) -> None:
     js = await _js(nats_client, streams)
-    run_id, epoch = await _start(ledger, "req-1")
-    await _task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
+    run_id, epoch = await running_run(ledger, "req-1")
+    await move_task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
     total = await pending_count(ledger.pool)
     assert total >= 5
     crash_after = 3
@@ -219,14 +190,14 @@ async def test_only_one_relay_publishes(
     ledger: Ledger, nats_client: NATS, streams: Streams
 ) -> None:
     js = await _js(nats_client, streams)
-    run_id, epoch = await _start(ledger, "req-1")
+    run_id, epoch = await running_run(ledger, "req-1")
     async with (
         EventRelay(pool=ledger.pool, js=js, streams=streams) as one,
         EventRelay(pool=ledger.pool, js=js, streams=streams) as two,
     ):
         assert await one.publish_pending() > 0
         assert one.is_leader
-        await _task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
+        await move_task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
         waiting = await pending_count(ledger.pool)
         assert waiting > 0
         assert await two.publish_pending() == 0
@@ -253,7 +224,7 @@ async def test_run_wakes_on_commits_here_and_in_other_replicas(
     ledger: Ledger, nats_client: NATS, streams: Streams
 ) -> None:
     js = await _js(nats_client, streams)
-    run_id, epoch = await _start(ledger, "req-1")
+    run_id, epoch = await running_run(ledger, "req-1")
     # Poll intervals far beyond the test's timeouts: only wake-ups can wake them.
     leader = EventRelay(pool=ledger.pool, js=js, streams=streams, poll_interval_s=600)
     follower = EventRelay(pool=ledger.pool, js=js, streams=streams, poll_interval_s=600)
@@ -273,7 +244,7 @@ async def test_run_wakes_on_commits_here_and_in_other_replicas(
 
         # This ledger's commits wake its relay...
         ledger.store.committer.on_commit = leader.notify
-        await _task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
+        await move_task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
         total = len(await _event_ids(ledger))
         assert total > before
 
@@ -286,7 +257,7 @@ async def test_run_wakes_on_commits_here_and_in_other_replicas(
         # ...and a replica whose relay does not lead passes its commits on (NOTIFY).
         following = asyncio.create_task(follower.run())
         ledger.store.committer.on_commit = follower.notify
-        await _task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_SUCCEEDED)
+        await move_task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_SUCCEEDED)
         assert len(await _event_ids(ledger)) > total
         await _eventually(published, what="the pass after another replica's commit")
         await _eventually(lambda: _zero(ledger), what="the cursor to move")
@@ -307,7 +278,7 @@ async def test_events_wait_for_older_transactions(
     """An event committed while an older transaction still runs is published only
     after that one ends: the older one could still commit events before it."""
     js = await _js(nats_client, streams)
-    run_id, epoch = await _start(ledger, "req-1")
+    run_id, epoch = await running_run(ledger, "req-1")
     async with EventRelay(pool=ledger.pool, js=js, streams=streams) as relay:
         await _drain(relay)
         assert not relay.held_back()
@@ -315,7 +286,7 @@ async def test_events_wait_for_older_transactions(
             older = conn.transaction()
             await older.start()
             await conn.fetchval("SELECT pg_current_xact_id()")  # it has begun writing
-            await _task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)  # a newer one
+            await move_task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)  # a newer one
             assert await pending_count(ledger.pool) == 2
             assert await relay.publish_pending() == 0
             assert relay.held_back()
@@ -330,10 +301,10 @@ async def test_an_append_behind_a_newer_transaction_is_refused(ledger: Ledger) -
     """A run's events are appended in transaction order (the relay's order): a
     transaction older than the one that appended the run's last event (as another
     replica's write, which waited for the run's lock) cannot append after it."""
-    run_id, epoch = await _start(ledger, "req-1")
+    run_id, epoch = await running_run(ledger, "req-1")
     async with ledger.pool.acquire() as conn, conn.transaction():
         await conn.fetchval("SELECT pg_current_xact_id()")  # it has begun writing
-        await _task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)  # a newer one
+        await move_task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)  # a newer one
         last = await conn.fetchval("SELECT last_sequence FROM runs WHERE run_id = $1", run_id)
         log = EventLog(run_id, last)
         log.add(E.RUN_EVENT_TYPE_CONTROL_REQUESTED, ACTOR)
@@ -352,7 +323,7 @@ async def test_run_retries_after_nats_errors(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     js = nats_client.jetstream()  # the events stream does not exist yet
-    await _start(ledger, "req-1")
+    await running_run(ledger, "req-1")
     total = await pending_count(ledger.pool)
     relay = EventRelay(pool=ledger.pool, js=js, streams=streams, poll_interval_s=0.05)
     task = asyncio.create_task(relay.run())

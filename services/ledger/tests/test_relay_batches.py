@@ -19,49 +19,18 @@ from nats.js.errors import APIError
 
 from stepline.api.common.v1 import common_pb2, run_pb2
 from stepline.api.events.v1 import events_pb2
-from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.jetstream import CONTENT_TYPE_HEADER, MSG_ID_HEADER, Streams, ensure_streams
 from stepline.ledger import convert
 from stepline.ledger.events import EventLog, payload_struct
 from stepline.ledger.relay import EventRelay, pending_count
 
-from .conftest import ACTOR, Ledger, claimed_run
+from .conftest import ACTOR, Ledger, move_task, running_run
 
 R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
 E = run_pb2.RunEventType
 EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
 CONTENT_TYPE = "application/protobuf; proto=stepline.api.events.v1.Event"
-
-
-async def _running_run(ledger: Ledger, request_id: str) -> tuple[str, int]:
-    run_id, epoch = await claimed_run(ledger, request_id)
-    await ledger.store.transition_run(
-        pb.TransitionRunRequest(
-            request_id=f"{request_id}-running",
-            run_id=run_id,
-            epoch=epoch,
-            actor=ACTOR,
-            state=R.WORKFLOW_RUN_STATE_RUNNING,
-        )
-    )
-    return run_id, epoch
-
-
-async def _task(
-    ledger: Ledger, run_id: str, epoch: int, step: str, state: int, **fields: Any
-) -> None:
-    await ledger.store.transition_task(
-        pb.TransitionTaskRequest(
-            request_id=f"{run_id}-{step}-{state}",
-            run_id=run_id,
-            task_id=f"{run_id}/{step}",
-            epoch=epoch,
-            actor=ACTOR,
-            state=state,  # type: ignore[arg-type]
-            **fields,
-        )
-    )
 
 
 async def _append(ledger: Ledger, run_id: str, payload: dict[str, Any]) -> None:
@@ -95,9 +64,9 @@ async def test_each_event_is_published_with_the_ledgers_record(
 ) -> None:
     js = nats_client.jetstream()
     await ensure_streams(js, streams)
-    run_id, epoch = await _running_run(ledger, "req-1")
-    await _task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
-    await _task(
+    run_id, epoch = await running_run(ledger, "req-1")
+    await move_task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING)
+    await move_task(
         ledger,
         run_id,
         epoch,
@@ -210,11 +179,11 @@ def _ack(index: int, future: asyncio.Future[PubAck]) -> None:
 async def _interleaved_runs(ledger: Ledger) -> list[tuple[str, str]]:
     """Two runs whose events alternate in the relay's order: (event id, run id) of
     each, in that order."""
-    first, epoch1 = await _running_run(ledger, "req-1")
-    second, epoch2 = await _running_run(ledger, "req-2")
+    first, epoch1 = await running_run(ledger, "req-1")
+    second, epoch2 = await running_run(ledger, "req-2")
     for step in ("a", "b"):
         for run_id, epoch in ((first, epoch1), (second, epoch2)):
-            await _task(ledger, run_id, epoch, step, T.TASK_RUN_STATE_RUNNING)
+            await move_task(ledger, run_id, epoch, step, T.TASK_RUN_STATE_RUNNING)
     return [(str(row["event_id"]), row["run_id"]) for row in await _log(ledger)]
 
 

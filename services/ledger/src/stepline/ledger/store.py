@@ -265,10 +265,7 @@ class LedgerStore:
             full = run_pb2.RUN_VIEW_FULL
             if request.chunk_id:
                 await conn.execute(
-                    "UPDATE chunks SET claim_executor = $2, claim_epoch = $3, claim_time = $4,"
-                    " claim_expire = $5 WHERE chunk_id = $1",
-                    request.chunk_id,
-                    *new,
+                    f"UPDATE chunks SET {_SET_CLAIM} WHERE chunk_id = $1", request.chunk_id, *new
                 )
                 response = pb.ClaimRunResponse(run=await read_run(conn, request.run_id, view=full))
             elif (
@@ -439,9 +436,10 @@ class LedgerStore:
     async def apply_transitions(
         self, request: pb.ApplyTransitionsRequest
     ) -> pb.ApplyTransitionsResponse:
-        """Each item as :meth:`transition_task` or :meth:`transition_chunk` would
-        apply it, answered apart. The items are submitted in request order (a
-        run's shard applies them in that order) and share commits."""
+        """Each item as :meth:`transition_task`, :meth:`transition_chunk` or
+        :meth:`transition_run` would apply it, answered apart. The items are
+        submitted in request order (a run's shard applies them in that order) and
+        share commits."""
         count = len(request.transitions)
         if not 1 <= count <= MAX_TRANSITIONS_PER_CALL:
             raise InvalidArgument(
@@ -1043,6 +1041,8 @@ class _NewClaim(NamedTuple):
 
 
 _NO_CLAIM = (None, None, None, None)
+# A new claim (a _NewClaim as $2..$5) on a run or chunk row.
+_SET_CLAIM = "claim_executor = $2, claim_epoch = $3, claim_time = $4, claim_expire = $5"
 _RUN_STATE_SQL = (
     "UPDATE runs r SET state = $2::smallint, update_time = clock_timestamp(),"
     " start_time = CASE WHEN $2::smallint = 2 THEN coalesce(start_time, clock_timestamp())"
@@ -1198,8 +1198,7 @@ SELECT r.*, (SELECT array_agg(t::tasks ORDER BY t.ordinal) FROM t) AS read_tasks
 FROM r
 """
 _CLAIM_RUN_SQL = (
-    "UPDATE runs r SET claim_executor = $2, claim_epoch = $3, claim_time = $4,"
-    f" claim_expire = $5 WHERE r.run_id = $1 RETURNING r.*, {_RUN_TASK_PARTS}"
+    f"UPDATE runs r SET {_SET_CLAIM} WHERE r.run_id = $1 RETURNING r.*, {_RUN_TASK_PARTS}"
 )
 
 

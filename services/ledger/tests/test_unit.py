@@ -10,7 +10,7 @@ import pytest
 from stepline.api.common.v1 import common_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.errors import FailedPrecondition
-from stepline.ledger.unit import ATTEMPT_COLUMNS, StepUnit, TaskTransition
+from stepline.ledger.unit import ATTEMPT_COLUMNS, StepMemory, StepUnit, TaskTransition
 
 from .conftest import ACTOR, Ledger, claimed_run
 
@@ -90,7 +90,7 @@ async def test_a_concurrent_writer_aborts_the_whole_write(ledger: Ledger) -> Non
     run_id, epoch = await claimed_run(ledger)
     op = TaskTransition(task_request(run_id, epoch, "a", T.TASK_RUN_STATE_RUNNING))
     async with ledger.pool.acquire() as conn:
-        unit = await StepUnit.load(conn, [op])
+        unit = await StepUnit.load(conn, [op], StepMemory())
         op.apply(unit)
         # Another writer (a second ledger replica) changes the run in between.
         await ledger.pool.execute(

@@ -11,7 +11,10 @@ wait on each other's row locks.
 Hot operations can instead be :class:`UnitOperation` objects: consecutive ones
 of a batch share one *unit of work* that loads every row they need in one
 statement, applies them in memory in order, and writes all their changes in
-one statement (see :mod:`stepline.ledger.unit`).
+one statement (see :mod:`stepline.ledger.unit`). A unit type may keep rows in
+a shard's *memory* between batches, so that a later batch on the same runs
+reads nothing before its write: every other operation forgets its key (run)
+there before and after it runs, and a failed batch clears the shard's memory.
 
 If a statement fails mid-batch, the transaction is rolled back and each
 operation of the batch is retried alone, so one bad write never takes others
@@ -37,9 +40,29 @@ T = TypeVar("T")
 
 
 class Unit(Protocol):
-    """A unit of work shared by consecutive :class:`UnitOperation` of one batch."""
+    """A unit of work shared by consecutive :class:`UnitOperation` of one batch.
+
+    ``unsure`` is set when an operation applied to remembered rows failed or
+    did something that only a fresh read can confirm (e.g. a replay): the
+    batch is then applied again to a unit loaded without memory.
+    """
+
+    unsure: bool
+    remembers: bool  # some of its rows came from memory
 
     async def flush(self, conn: asyncpg.Connection) -> None: ...
+
+    def remember(self) -> None:
+        """After a successful write: keep what later batches may reuse."""
+        ...
+
+
+class Memory(Protocol):
+    """What a unit type keeps in one shard between batches, by operation key."""
+
+    def forget(self, key: str) -> None: ...
+
+    def clear(self) -> None: ...
 
 
 class UnitOperation(Generic[T]):
@@ -49,14 +72,42 @@ class UnitOperation(Generic[T]):
     anything in the unit) and then applies the change to the unit.
     """
 
-    unit_type: ClassVar[Any]  # has ``async load(conn, ops) -> Unit``
+    # has ``async load(conn, ops, memory, *, fresh=False) -> Unit`` (fresh: read
+    # everything, use nothing remembered) and ``memory() -> Memory``
+    unit_type: ClassVar[Any]
 
     def apply(self, unit: Any) -> T:
         raise NotImplementedError
 
 
 Operation = Callable[[asyncpg.Connection], Awaitable[T]] | UnitOperation[T]
-_Item = tuple[Operation[Any], "asyncio.Future[Any]"]
+_Item = tuple[Operation[Any], "asyncio.Future[Any]", str]  # operation, future, key
+
+
+class _Shard:
+    """A shard's queue and the memories of the unit types it applied."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.memories: dict[Any, Memory] = {}
+        self.remembered = False  # the batch being applied used remembered rows
+
+    def memory(self, unit_type: Any) -> Memory:
+        memory = self.memories.get(unit_type)
+        if memory is None:
+            memory = self.memories[unit_type] = unit_type.memory()
+        return memory
+
+    def forget(self, batch: Sequence[_Item]) -> None:
+        """Forget the keys of the batch's other operations in every memory."""
+        for operation, _, key in batch:
+            if not isinstance(operation, UnitOperation):
+                for memory in self.memories.values():
+                    memory.forget(key)
+
+    def clear(self) -> None:
+        for memory in self.memories.values():
+            memory.clear()
 
 
 # Session settings of the committer's connections. Its statements are few and
@@ -88,15 +139,15 @@ class GroupCommitter:
         self._pool = pool
         self._max_batch = max_batch
         self.on_commit = on_commit
-        self._queues: list[asyncio.Queue[_Item]] = [asyncio.Queue() for _ in range(shards)]
+        self._shards = [_Shard() for _ in range(shards)]
         self._workers: list[asyncio.Task[None]] = []
         self.batches = 0
         self.operations = 0
 
     async def start(self) -> None:
-        for index, queue in enumerate(self._queues):
+        for index, shard in enumerate(self._shards):
             self._workers.append(
-                asyncio.create_task(self._work(queue), name=f"ledger-commit-{index}")
+                asyncio.create_task(self._work(shard), name=f"ledger-commit-{index}")
             )
 
     async def close(self) -> None:
@@ -112,43 +163,53 @@ class GroupCommitter:
         if not self._workers:
             raise Unavailable("the ledger is not accepting writes")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        shard = zlib.crc32(key.encode()) % len(self._queues)
-        self._queues[shard].put_nowait((operation, future))
+        shard = self._shards[zlib.crc32(key.encode()) % len(self._shards)]
+        shard.queue.put_nowait((operation, future, key))
         return await future
 
-    async def _work(self, queue: asyncio.Queue[_Item]) -> None:
+    async def _work(self, shard: _Shard) -> None:
         conn: asyncpg.Connection | None = None
+        queue = shard.queue
         try:
             while True:
                 batch = [await queue.get()]
                 while len(batch) < self._max_batch and not queue.empty():
                     batch.append(queue.get_nowait())
                 if conn is None or conn.is_closed():
+                    shard.clear()  # a new connection: nothing read before counts
                     conn = await self._pool.acquire()
                     await conn.execute(_SESSION_SQL)
-                await self._commit(conn, batch)
+                await self._commit(conn, shard, batch)
         finally:
             if conn is not None:
                 await self._pool.release(conn)
 
-    async def _commit(self, conn: asyncpg.Connection, batch: list[_Item]) -> None:
+    async def _commit(self, conn: asyncpg.Connection, shard: _Shard, batch: list[_Item]) -> None:
         outcomes: list[_Outcome] = []
+        shard.remembered = False
         try:
             if len(_same_unit(batch, 0)) == len(batch):
                 # Only unit operations: their one write statement is the transaction.
-                outcomes = await _apply_unit(conn, batch)
+                outcomes = await _apply_unit(conn, shard, batch)
             else:
-                outcomes = await self._apply_in_transaction(conn, batch)
+                shard.forget(batch)
+                outcomes = await self._apply_in_transaction(conn, shard, batch)
+                shard.forget(batch)
         except asyncio.CancelledError:
-            for _, future in batch:
+            shard.clear()
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(Unavailable("the ledger is shutting down"))
             raise
         except Exception as exc:
-            if len(batch) > 1:
+            # Rows remembered while applying the batch were never committed, and
+            # remembered rows may be out of date (another writer): read afresh.
+            stale = shard.remembered
+            shard.clear()
+            if len(batch) > 1 or stale:
                 log.warning("batch of %d failed, retrying singly: %r", len(batch), exc)
                 for item in batch:
-                    await self._commit(conn, [item])
+                    await self._commit(conn, shard, [item])
                 return
             future = batch[0][1]
             if isinstance(exc, asyncpg.SerializationError):
@@ -174,16 +235,17 @@ class GroupCommitter:
                 future.set_exception(error)
 
     async def _apply_in_transaction(
-        self, conn: asyncpg.Connection, batch: list[_Item]
+        self, conn: asyncpg.Connection, shard: _Shard, batch: list[_Item]
     ) -> list[_Outcome]:
         outcomes: list[_Outcome] = []
+        batch = _grouped(batch)
         async with conn.transaction():
             index = 0
             while index < len(batch):
-                operation, future = batch[index]
+                operation, future, _ = batch[index]
                 if isinstance(operation, UnitOperation):
                     group = _same_unit(batch, index)
-                    outcomes.extend(await _apply_unit(conn, group))
+                    outcomes.extend(await _apply_unit(conn, shard, group))
                     index += len(group)
                     continue
                 try:
@@ -195,6 +257,31 @@ class GroupCommitter:
 
 
 _Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+def _grouped(batch: list[_Item]) -> list[_Item]:
+    """The batch with its unit operations together (one unit, one read and one
+    write), before or after the others, where that keeps the order of every
+    key's operations; otherwise as it came."""
+    units = [item for item in batch if isinstance(item[0], UnitOperation)]
+    if len({op.unit_type for op, _, _ in units}) != 1:  # type: ignore[union-attr]
+        return batch
+    others = [item for item in batch if not isinstance(item[0], UnitOperation)]
+    unit_keys: set[str] = set()
+    other_keys: set[str] = set()
+    unit_after_other = other_after_unit = False
+    for operation, _, key in batch:
+        if isinstance(operation, UnitOperation):
+            unit_after_other = unit_after_other or key in other_keys
+            unit_keys.add(key)
+        else:
+            other_after_unit = other_after_unit or key in unit_keys
+            other_keys.add(key)
+    if not unit_after_other:
+        return units + others
+    if not other_after_unit:
+        return others + units
+    return batch
 
 
 def _same_unit(batch: Sequence[_Item], start: int) -> list[_Item]:
@@ -211,17 +298,33 @@ def _same_unit(batch: Sequence[_Item], start: int) -> list[_Item]:
     return group
 
 
-async def _apply_unit(conn: asyncpg.Connection, group: list[_Item]) -> list[_Outcome]:
-    ops = [op for op, _ in group]
-    first = ops[0]
-    assert isinstance(first, UnitOperation)
-    unit: Unit = await first.unit_type.load(conn, ops)
+async def _apply_unit(
+    conn: asyncpg.Connection, shard: _Shard, group: list[_Item]
+) -> list[_Outcome]:
+    ops = [op for op, _, _ in group]
+    unit_type = ops[0].unit_type  # type: ignore[union-attr]
+    memory = shard.memory(unit_type)
+    unit: Unit = await unit_type.load(conn, ops, memory)
+    shard.remembered = shard.remembered or unit.remembers
+    outcomes = _apply_all(unit, group)
+    if unit.unsure:
+        # Remembered rows could not settle an operation: read them afresh (the
+        # failed attempt changed them in memory only) and apply the batch again.
+        for _, _, key in group:
+            memory.forget(key)
+        unit = await unit_type.load(conn, ops, memory, fresh=True)
+        outcomes = _apply_all(unit, group)
+    await unit.flush(conn)
+    unit.remember()
+    return outcomes
+
+
+def _apply_all(unit: Unit, group: list[_Item]) -> list[_Outcome]:
     outcomes: list[_Outcome] = []
-    for op, future in group:
+    for op, future, _ in group:
         assert isinstance(op, UnitOperation)
         try:
             outcomes.append((future, op.apply(unit), None))
         except SteplineError as exc:
             outcomes.append((future, None, exc))
-    await unit.flush(conn)
     return outcomes

@@ -23,6 +23,18 @@ transaction, instead of several per transition. Times are the database clock rea
 plus the elapsed monotonic time, so they stay on the same clock as the rest of
 the ledger's timestamps.
 
+Memory: a committer shard keeps, between batches, the rows of the runs its
+units moved (:class:`StepMemory`: the run's claim row and its unfinished tasks
+with their attempts and artifact descriptions, read once per run by run id),
+so a batch of task transitions on remembered runs costs one statement, its
+write. Every other operation on a run forgets it, and so does a failed batch;
+the write's ``last_sequence`` guard refuses what another writer changed since.
+Remembered rows settle only transitions that they show to be new and valid:
+one that fails, or appends no event (a replay, or a change that may be one),
+makes the batch run again on a fresh read. A replay that looks new appends its
+first event under the id of its request, which the events' unique index
+refuses: the batch then fails and is retried singly, reading afresh.
+
 Idempotency: the first event a transition appends has an id derived from the
 run, the method and the request id (:func:`request_event_id`), and carries the
 request's fingerprint and the response, so a replay finds them through the
@@ -37,7 +49,7 @@ from __future__ import annotations
 import operator
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -49,7 +61,7 @@ from google.protobuf.message import Message
 from stepline.api.common.v1 import common_pb2, run_pb2, workflow_pb2
 from stepline.api.events.v1 import events_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
-from stepline.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from stepline.common.errors import FailedPrecondition, InvalidArgument, NotFound, SteplineError
 from stepline.common.requests import fingerprint
 from stepline.ledger import convert, states
 from stepline.ledger.artifacts import DESCRIPTION_COLUMNS
@@ -105,12 +117,98 @@ def request_event_id(run_id: str, method: str, request_id: str) -> str:
 _HOLDING = frozenset({run_pb2.CONTROL_ACTION_PAUSE, run_pb2.CONTROL_ACTION_CANCEL})
 
 
+@dataclass
+class _RunRows:
+    """A remembered run: its claim row and unfinished tasks with their attempts
+    and artifact descriptions (the same objects a unit applies changes to)."""
+
+    run: Row
+    tasks: dict[str, Row]
+    attempts: dict[str, list[Row]]
+    artifacts: dict[str, list[Row]]
+
+    def drop(self, task_id: str) -> None:
+        del self.tasks[task_id]
+        self.attempts.pop(task_id, None)
+        self.artifacts.pop(task_id, None)
+
+
+class StepMemory:
+    """The rows of the runs a committer shard's step units moved last; beyond
+    ``max_tasks`` remembered tasks, the least recently used runs go first."""
+
+    def __init__(self, max_tasks: int = 4096) -> None:
+        self.max_tasks = max_tasks
+        self.runs: OrderedDict[str, _RunRows] = OrderedDict()
+        self.tasks = 0  # remembered when their runs were kept (an upper bound)
+        self._counted: dict[str, int] = {}
+        # The database clock at the last read, and the monotonic clock then.
+        self.db_now: datetime | None = None
+        self.mono = 0.0
+
+    def get(self, run_id: str, task_ids: Sequence[str]) -> _RunRows | None:
+        """The run's rows if they include every one of ``task_ids``."""
+        rows = self.runs.get(run_id)
+        if rows is None or any(t not in rows.tasks for t in task_ids):
+            return None
+        self.runs.move_to_end(run_id)
+        return rows
+
+    def keep(self, run_id: str, rows: _RunRows) -> None:
+        self.forget(run_id)
+        size = len(rows.tasks)
+        if size > self.max_tasks // 4:
+            return  # a very large run is read whole each time instead
+        self.runs[run_id] = rows
+        self._counted[run_id] = size
+        self.tasks += size
+        while self.tasks > self.max_tasks:
+            self.forget(next(iter(self.runs)))
+
+    def forget(self, key: str) -> None:
+        if self.runs.pop(key, None) is not None:
+            self.tasks -= self._counted.pop(key)
+
+    def clear(self) -> None:
+        self.runs.clear()
+        self._counted.clear()
+        self.tasks = 0
+
+
+# A unit built from memory alone reads no record.
+_NOTHING: dict[str, Any] = dict.fromkeys(
+    ("runs", "tasks", "attempts", "recorded", "replays", "artifacts")
+)
+
+
 class StepUnit:
     """The rows one batch of step transitions reads and writes."""
 
-    def __init__(self, record: asyncpg.Record) -> None:
-        self._db_now: datetime = record["now"]
-        self._mono = time.monotonic()
+    def __init__(
+        self,
+        record: asyncpg.Record | None,
+        *,
+        memory: StepMemory | None = None,
+        remembered: dict[str, _RunRows] | None = None,
+        touched: dict[str, list[str]] | None = None,
+        whole_runs: bool = False,
+    ) -> None:
+        self._memory = memory
+        self.unsure = False
+        # Runs whose rows came from memory, and whether the rows read here are
+        # whole runs (every unfinished task), which memory may then keep.
+        self.remembered = remembered or {}
+        self._touched = touched or {}
+        self._whole_runs = whole_runs
+        if record is not None:
+            self._db_now: datetime = record["now"]
+            self._mono = time.monotonic()
+            if memory is not None:
+                memory.db_now, memory.mono = self._db_now, self._mono
+        else:
+            assert memory is not None and memory.db_now is not None
+            self._db_now, self._mono = memory.db_now, memory.mono
+            record = _NOTHING
         self.runs: dict[str, Row] = {r["run_id"]: dict(r) for r in record["runs"] or ()}
         self.tasks: dict[str, Row] = {t["task_id"]: dict(t) for t in record["tasks"] or ()}
         self.chunks: dict[str, Row] = {c["chunk_id"]: dict(c) for c in record.get("chunks") or ()}
@@ -133,6 +231,16 @@ class StepUnit:
         self.counts: dict[str, Counter[int]] = {}
         self.complete: dict[str, bool] = {}
         self.add_counts(record.get("counts"))
+        self._read_tasks = list(self.tasks)
+        # From memory only the tasks the batch moves (``touched``, by run).
+        for run_id, rows in self.remembered.items():
+            self.runs[run_id] = rows.run
+            for task_id in self._touched[run_id]:
+                self.tasks[task_id] = rows.tasks[task_id]
+                if task_id in rows.attempts:
+                    self.attempts[task_id] = rows.attempts[task_id]
+                if task_id in rows.artifacts:
+                    self.artifacts[task_id] = rows.artifacts[task_id]
         self._read_sequence = {run_id: r["last_sequence"] for run_id, r in self.runs.items()}
         self._dirty_runs: set[str] = set()
         self._dirty_tasks: set[str] = set()
@@ -149,44 +257,132 @@ class StepUnit:
             self.counts.setdefault(c["task_id"], Counter())[c["state"]] += c["n"]
             self.complete[c["task_id"]] = c["complete"]
 
+    @staticmethod
+    def memory() -> StepMemory:
+        return StepMemory()
+
     @classmethod
-    async def load(cls, conn: asyncpg.Connection, ops: Sequence[UnitOperation[Any]]) -> StepUnit:
-        """Read what ``ops`` need: one statement (two if the batch has no chunk
-        transitions but transitions a chunked step, for its chunk counts)."""
-        run_ids: set[str] = set()
-        task_ids: set[str] = set()
-        chunk_ids: set[str] = set()
-        methods: list[str] = []
-        request_ids: list[str] = []
-        event_ids: list[str] = []
-        for op in ops:
-            assert isinstance(op, _StepTransition)
-            run_ids.add(op.run_id)
-            (chunk_ids if op.table == "chunks" else task_ids).add(op.owner_id)
-            methods.append(op.method)
-            request_ids.append(op.request.request_id)
-            event_ids.append(op.event_id)
-        if chunk_ids:
+    async def load(
+        cls,
+        conn: asyncpg.Connection,
+        ops: Sequence[UnitOperation[Any]],
+        memory: StepMemory,
+        *,
+        fresh: bool = False,
+    ) -> StepUnit:
+        """The rows ``ops`` need: from ``memory`` where it has them (unless
+        ``fresh``), the rest in one statement (two if the batch transitions a
+        chunked step, for its chunk counts); none if memory has everything."""
+        steps = [op for op in ops if isinstance(op, _StepTransition)]
+        assert len(steps) == len(ops)
+        if any(op.table == "chunks" for op in steps):
+            return await cls._load_chunks(conn, steps, memory)
+        task_ids: dict[str, list[str]] = {}
+        for op in steps:
+            task_ids.setdefault(op.run_id, []).append(op.owner_id)
+        remembered: dict[str, _RunRows] = {}
+        if not fresh:
+            for run_id, tasks in task_ids.items():
+                rows = memory.get(run_id, tasks)
+                if rows is not None:
+                    remembered[run_id] = rows
+        if len(remembered) == len(task_ids) and memory.db_now is not None:
             return cls(
-                await conn.fetchrow(
-                    _LOAD_SQL,
-                    sorted(run_ids),
-                    sorted(task_ids),
-                    sorted(chunk_ids),
-                    methods,
-                    request_ids,
-                    event_ids,
-                )
+                None, memory=memory, remembered=remembered, touched=task_ids, whole_runs=True
             )
+        # Whole runs for those not remembered, with the idempotency records of
+        # their transitions.
+        missing = [op for op in steps if op.run_id not in remembered]
         unit = cls(
             await conn.fetchrow(
-                _LOAD_TASKS_SQL, sorted(run_ids), sorted(task_ids), methods, request_ids, event_ids
-            )
+                _LOAD_RUNS_SQL,
+                sorted({op.run_id for op in missing}),
+                sorted({op.owner_id for op in missing}),
+                [op.method for op in missing],
+                [op.request.request_id for op in missing],
+                [op.event_id for op in missing],
+            ),
+            memory=memory,
+            remembered=remembered,
+            touched=task_ids,
+            whole_runs=True,
         )
-        chunked = [t for t, row in unit.tasks.items() if row["kind"] == CHUNKED_STEP]
+        chunked = sorted(
+            {
+                op.owner_id
+                for op in missing
+                if unit.tasks.get(op.owner_id, {}).get("kind") == CHUNKED_STEP
+            }
+        )
         if chunked:
             unit.add_counts(await conn.fetchval(_COUNTS_SQL, chunked))
         return unit
+
+    @classmethod
+    async def _load_chunks(
+        cls, conn: asyncpg.Connection, ops: list[_StepTransition], memory: StepMemory
+    ) -> StepUnit:
+        """A batch with chunk transitions reads exactly its rows, never from memory."""
+        run_ids: set[str] = set()
+        task_ids: set[str] = set()
+        chunk_ids: set[str] = set()
+        for op in ops:
+            run_ids.add(op.run_id)
+            (chunk_ids if op.table == "chunks" else task_ids).add(op.owner_id)
+            memory.forget(op.run_id)
+        return cls(
+            await conn.fetchrow(
+                _LOAD_SQL,
+                sorted(run_ids),
+                sorted(task_ids),
+                sorted(chunk_ids),
+                [op.method for op in ops],
+                [op.request.request_id for op in ops],
+                [op.event_id for op in ops],
+            ),
+            memory=memory,
+        )
+
+    def remember(self) -> None:
+        """After the write: keep the runs read whole in memory (their unfinished
+        tasks), update the remembered ones, forget the others."""
+        memory = self._memory
+        if memory is None:
+            return
+        if not self._whole_runs:
+            for run_id in self.runs:
+                memory.forget(run_id)
+            return
+        # Runs from memory: only the tasks the batch moved changed.
+        for run_id, rows in self.remembered.items():
+            for task_id in self._touched[run_id]:
+                if self.tasks[task_id]["state"] in states.TASK_TERMINAL:
+                    rows.drop(task_id)  # no transition leaves a terminal state
+                elif task_id in self.attempts:
+                    rows.attempts[task_id] = self.attempts[task_id]
+        # Runs read whole: their unfinished tasks.
+        kept = {
+            run_id: _RunRows(run, {}, {}, {})
+            for run_id, run in self.runs.items()
+            if run_id not in self.remembered and run["state"] not in states.RUN_TERMINAL
+        }
+        chunked: set[str] = set()
+        for task_id in self._read_tasks:
+            task = self.tasks[task_id]
+            whole = kept.get(task["run_id"])
+            if whole is None or task["state"] in states.TASK_TERMINAL:
+                continue
+            if task["kind"] == CHUNKED_STEP:
+                chunked.add(task["run_id"])  # its chunk counts change apart
+            whole.tasks[task_id] = task
+            if task_id in self.attempts:
+                whole.attempts[task_id] = self.attempts[task_id]
+            whole.artifacts[task_id] = self.artifacts.setdefault(task_id, [])
+        for run_id in self.runs:
+            if run_id in kept and run_id not in chunked:
+                memory.keep(run_id, kept[run_id])
+            elif run_id not in self.remembered:
+                memory.forget(run_id)
 
     async def flush(self, conn: asyncpg.Connection) -> None:
         if not self._dirty_runs:
@@ -217,6 +413,10 @@ class StepUnit:
         )
 
     # --- in-memory view ------------------------------------------------------------
+
+    @property
+    def remembers(self) -> bool:
+        return bool(self.remembered)
 
     def now(self) -> datetime:
         return self._db_now + timedelta(seconds=time.monotonic() - self._mono)
@@ -494,11 +694,25 @@ class _StepTransition(UnitOperation[Any]):
 
     def apply(self, unit: Any) -> Any:
         assert isinstance(unit, StepUnit)
+        if self.run_id not in unit.remembered:
+            return self._apply(unit)[0]
+        # Rows from memory settle only a new, valid transition that appends events.
+        try:
+            response, appended = self._apply(unit)
+        except SteplineError:
+            unit.unsure = True
+            raise
+        if not appended:
+            unit.unsure = True
+        return response
+
+    def _apply(self, unit: StepUnit) -> tuple[Any, bool]:
+        """The response, and whether the transition appended events."""
         request = self.request
         run = unit.run(request.run_id)
         earlier = unit.replayed(self)
         if earlier is not None:
-            return earlier
+            return earlier, False
         now = unit.now()
         owner, executor = self.locate(unit, run, now)
         if run["state"] in states.RUN_TERMINAL:
@@ -507,7 +721,7 @@ class _StepTransition(UnitOperation[Any]):
             )
         if run["pending_control"] in _HOLDING and getattr(request, "unless_control_pending", False):
             # Not started: the response shows the task as it is and the action.
-            return self.response(unit, owner, run["last_sequence"])
+            return self.response(unit, owner, run["last_sequence"]), False
         log = EventLog(request.run_id, run["last_sequence"], self.event_id)
         sequence = unit.apply_step_change(
             log,
@@ -525,7 +739,7 @@ class _StepTransition(UnitOperation[Any]):
         )
         response = self.response(unit, owner, sequence)
         unit.commit(log, self, response, now=now)
-        return response
+        return response, bool(log.rows)
 
     def locate(self, unit: StepUnit, run: Row, now: datetime) -> tuple[Row, str]:
         """The task or chunk (NOT_FOUND if not the run's) after the fencing check;
@@ -645,19 +859,33 @@ _LOAD_SQL = "SELECT " + ",\n    ".join(
         _COUNTS,
     )
 )
-# A batch of task transitions only (the usual case): no chunk, fewer parts to run.
-# Its parameters are $1 run ids, $2 task ids, $3 methods, $4 request ids, $5 event ids.
-_LOAD_TASKS_SQL = "SELECT " + ",\n    ".join(
-    (
-        _NOW,
-        _RUNS,
-        _TASKS,
-        _ATTEMPTS.format(owners="$2::text[]"),
-        _ARTIFACTS.format(owners="$2::text[]"),
-        _REPLAYS.format(methods=3, request_ids=4),
-        _RECORDED.format(event_ids=5),
-    )
+# A batch of task transitions only (the usual case) reads its runs ($1) with a
+# window of each one's unfinished tasks (the next WINDOW by ordinal) besides the
+# tasks it moves ($2), so that memory can serve the batches that follow; those
+# tasks' attempts, the runs' artifact descriptions of tasks; $3 methods, $4
+# request ids, $5 event ids. A task can come twice (window and moved): the rows
+# are keyed by id.
+WINDOW = 16
+_LOAD_RUNS_SQL = f"""
+WITH window_tasks AS (
+    SELECT w.t FROM unnest($1::text[]) AS x(run_id),
+        LATERAL (SELECT t FROM tasks t
+            WHERE t.run_id = x.run_id
+              AND t.state NOT IN ({", ".join(str(s) for s in sorted(states.TASK_TERMINAL))})
+            ORDER BY t.ordinal LIMIT {WINDOW}) AS w(t)
+    UNION ALL
+    SELECT t FROM tasks t WHERE t.task_id = ANY($2::text[])
 )
+SELECT {_NOW}, {_RUNS},
+    (SELECT array_agg(t) FROM window_tasks) AS tasks,
+    (SELECT array_agg(a ORDER BY a.owner_id, a.attempt_number) FROM attempts a
+        WHERE a.owner_id IN (SELECT (t).task_id FROM window_tasks)) AS attempts,
+    (SELECT json_agg(f ORDER BY f.create_time, f.artifact_id) FROM (
+        SELECT {DESCRIPTION_COLUMNS} FROM artifacts
+        WHERE run_id = ANY($1::text[]) AND chunk_id IS NULL) f) AS artifacts,
+    {_REPLAYS.format(methods=3, request_ids=4)},
+    {_RECORDED.format(event_ids=5)}
+"""
 # Chunk counts of chunked steps ($1 task ids) that a batch of task transitions moves.
 _COUNTS_SQL = """
 SELECT json_agg(x) FROM (

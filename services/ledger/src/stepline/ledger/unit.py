@@ -18,17 +18,18 @@ already applies a run's writes one batch at a time. Against another writer (a
 second ledger replica) the write is guarded: it applies only where each run's
 ``last_sequence`` is still the one read, and otherwise aborts as a whole with
 ``serialization_failure`` (every change to a run appends to its event log).
-A batch of N transitions costs two round trips, the write being its own
-transaction, instead of several per transition. Times are the database clock read at load
-plus the elapsed monotonic time, so they stay on the same clock as the rest of
-the ledger's timestamps.
+A batch of N transitions costs at most two round trips, the write being its
+own transaction, instead of several per transition. Times are the database
+clock read at load plus the elapsed monotonic time, so they stay on the same
+clock as the rest of the ledger's timestamps.
 
 Memory: a committer shard keeps, between batches, the rows of the runs its
-units moved (:class:`StepMemory`: the run's claim row and its unfinished tasks
-with their attempts and artifact descriptions, read once per run by run id),
-so a batch of task transitions on remembered runs costs one statement, its
-write. Every other operation on a run forgets it, and so does a failed batch;
-the write's ``last_sequence`` guard refuses what another writer changed since.
+units moved (:class:`StepMemory`: the run's claim row and a window of its
+unfinished tasks, the next :data:`WINDOW` by ordinal, with their attempts and
+artifact descriptions), so a batch of task transitions on remembered runs
+costs one statement, its write. Every other operation on a run forgets it,
+and so does a failed batch; the write's ``last_sequence`` guard refuses what
+another writer changed since.
 Remembered rows settle only transitions that they show to be new and valid:
 one that fails, or appends no event (a replay, or a change that may be one),
 makes the batch run again on a fresh read. A replay that looks new appends its

@@ -16,7 +16,7 @@ from stepline.common.errors import Aborted, FailedPrecondition
 from stepline.ledger.committer import UnitOperation, _grouped
 from stepline.ledger.unit import WINDOW, StepMemory, StepUnit, TaskTransition, _RunRows
 
-from .conftest import ACTOR, EXECUTOR, Ledger, running_run
+from .conftest import ACTOR, EXECUTOR, Ledger, claimed_run, running_run
 
 T = common_pb2.TaskRunState
 RUNNING, SUCCEEDED = T.TASK_RUN_STATE_RUNNING, T.TASK_RUN_STATE_SUCCEEDED
@@ -130,12 +130,18 @@ async def test_a_reused_request_id_that_looks_new_is_refused(ledger: Ledger) -> 
     assert moved.task.state == RUNNING
 
 
+async def remembered_run(ledger: Ledger, name: str) -> tuple[str, int]:
+    """A running run whose task ``a`` was started (so its shard remembers it)."""
+    run_id, epoch = await running_run(ledger, name)
+    await ledger.store.transition_task(request(run_id, epoch, "a", RUNNING))
+    return run_id, epoch
+
+
 async def test_another_writer_since_the_run_was_remembered(
     ledger: Ledger, caplog: pytest.LogCaptureFixture
 ) -> None:
-    run_id, epoch = await running_run(ledger, "mem-4")
+    run_id, epoch = await remembered_run(ledger, "mem-4")
     store = ledger.store
-    await store.transition_task(request(run_id, epoch, "a", RUNNING))
     # A second ledger replica appends to the run: the remembered rows are stale.
     await ledger.pool.execute(
         "UPDATE runs SET last_sequence = last_sequence + 1 WHERE run_id = $1", run_id
@@ -156,9 +162,8 @@ async def test_another_writer_since_the_run_was_remembered(
 async def test_other_operations_on_the_run_make_it_read_afresh(
     ledger: Ledger, caplog: pytest.LogCaptureFixture
 ) -> None:
-    run_id, epoch = await running_run(ledger, "mem-5")
+    run_id, epoch = await remembered_run(ledger, "mem-5")
     store = ledger.store
-    await store.transition_task(request(run_id, epoch, "a", RUNNING))
     # The claim changes hands: release, then a new claim under a new epoch.
     await store.release_claim(
         pb.ReleaseClaimRequest(
@@ -187,8 +192,6 @@ async def test_other_operations_on_the_run_make_it_read_afresh(
 
 async def test_a_run_longer_than_the_window(ledger: Ledger) -> None:
     steps = tuple(f"s{i:02d}" for i in range(WINDOW * 2 + 3))
-    from .conftest import claimed_run
-
     run_id, epoch = await claimed_run(ledger, "mem-6", steps=steps)
     await ledger.store.transition_run(
         pb.TransitionRunRequest(request_id="go", run_id=run_id, epoch=epoch, actor=ACTOR, state=2)

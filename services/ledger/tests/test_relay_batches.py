@@ -138,10 +138,17 @@ async def test_an_event_too_large_to_send_stops_its_run_for_the_pass(
             str(xid),
             huge.SerializeToString() if (run_id, sequence) == ("ra", 2) else None,
         )
-    async with EventRelay(pool=ledger.pool, js=js, streams=streams) as relay:
-        with pytest.raises(MaxPayloadError):
-            await relay.publish_pending()
+    relay = EventRelay(
+        pool=ledger.pool, js=js, streams=streams, max_payload=nats_client.max_payload
+    )
+    async with relay:
+        for _ in range(3):  # each pass meets it again
+            with pytest.raises(MaxPayloadError, match="max_payload"):
+                await relay.publish_pending()
         assert relay.published == 2  # ra 1 and rb 1: the cursor stops before ra 2
+    # It never reached the client: no publish is left waiting for its ack (the
+    # client's own check would have failed it after taking a pending-ack slot).
+    assert js.publish_async_pending() == 0
     assert await pending_count(ledger.pool) == 3
     info = await js.stream_info(streams.events)
     published = []

@@ -77,6 +77,7 @@ from types import TracebackType
 from typing import Any
 
 import asyncpg
+from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 
 from stepline.api.events.v1 import events_pb2
@@ -130,6 +131,25 @@ async def pending_count(pool: asyncpg.Pool) -> int:
     return int(count)
 
 
+class EventTooLarge(MaxPayloadError):
+    """An event over the NATS server's message limit: it stops its run's events."""
+
+    def __init__(self, event_id: str, size: int, limit: int) -> None:
+        super().__init__(event_id, size, limit)
+        self.event_id, self.size, self.limit = event_id, size, limit
+
+    def __str__(self) -> str:
+        return (
+            f"event {self.event_id} is {self.size} bytes with its headers,"
+            f" over the NATS server's max_payload of {self.limit}"
+        )
+
+
+def _header_bytes(headers: dict[str, str]) -> int:
+    """Size of the NATS header block a client sends for ``headers``."""
+    return len("NATS/1.0\r\n\r\n") + sum(len(k) + len(v) + 4 for k, v in headers.items())
+
+
 class EventRelay:
     """Publishes the ledger's event log to JetStream while it holds the relay lock.
 
@@ -140,6 +160,11 @@ class EventRelay:
 
     ``after_publish``, a test hook, is awaited with the event id after each ack
     and before the cursor moves; raising from it simulates a crash mid-batch.
+
+    ``max_payload`` is the NATS server's limit on a message, headers included
+    (the client's ``max_payload``): an event over it is not handed to the
+    client at all, whose asynchronous publish would fail only after taking a
+    pending-ack slot that it never gives back.
     """
 
     def __init__(
@@ -155,6 +180,7 @@ class EventRelay:
         min_pass_interval_s: float = 0.005,
         publish_timeout_s: float = 5.0,
         after_publish: Callable[[str], Awaitable[None]] | None = None,
+        max_payload: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -168,6 +194,7 @@ class EventRelay:
         self.min_pass_interval_s = min_pass_interval_s
         self.publish_timeout_s = publish_timeout_s
         self._after_publish = after_publish
+        self.max_payload = max_payload
         self._events_stream = streams.events
         # Subject of an event type, up to the run id: stepline.events.<kind>.
         self._subject_prefixes: dict[int, str] = {}
@@ -298,6 +325,7 @@ class EventRelay:
         prefixes = self._subject_prefixes
         publish = self._js.publish_async
         stream = self._events_stream
+        limit = self.max_payload
         try:
             for index, row in enumerate(rows):
                 run_id = row["run_id"]
@@ -309,13 +337,12 @@ class EventRelay:
                     prefix = self._streams.subject("events", subject_kind(type_), "")
                     prefixes[type_] = prefix
                 event_id = row["event_id"]
+                data = published_event(row).SerializeToString()
+                headers = {MSG_ID_HEADER: event_id, CONTENT_TYPE_HEADER: _CONTENT_TYPE}
                 try:
-                    future = await publish(
-                        prefix + run_id,
-                        published_event(row).SerializeToString(),
-                        stream=stream,
-                        headers={MSG_ID_HEADER: event_id, CONTENT_TYPE_HEADER: _CONTENT_TYPE},
-                    )
+                    if limit is not None and len(data) + _header_bytes(headers) > limit:
+                        raise EventTooLarge(event_id, len(data) + _header_bytes(headers), limit)
+                    future = await publish(prefix + run_id, data, stream=stream, headers=headers)
                 except Exception as exc:
                     if failure is None:
                         failure = exc

@@ -175,7 +175,9 @@ async def running(settings: LedgerSettings) -> AsyncIterator[GrpcHost]:
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
         await jetstream.ensure_streams(js, settings.nats.streams)
-        relay = EventRelay(pool=pool, js=js, streams=settings.nats.streams)
+        relay = EventRelay(
+            pool=pool, js=js, streams=settings.nats.streams, max_payload=nc.max_payload
+        )
         await stack.enter_async_context(background([("ledger-event-relay", relay.run)]))
         committer = GroupCommitter(pool, shards=settings.commit_shards, on_commit=relay.notify)
         await committer.start()

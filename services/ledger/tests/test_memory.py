@@ -205,7 +205,7 @@ async def test_a_run_longer_than_the_window(ledger: Ledger) -> None:
     assert numbers == list(range(1, len(numbers) + 1))
 
 
-async def test_concurrent_transitions_of_many_runs_share_remembered_batches(
+async def test_many_runs_moved_concurrently_keep_gapless_logs(
     ledger: Ledger,
 ) -> None:
     runs = [await running_run(ledger, f"mem-7-{n}") for n in range(6)]
@@ -255,32 +255,28 @@ async def _other(conn: Any) -> None:
 
 
 def test_unit_operations_of_a_batch_are_grouped_where_each_keys_order_allows() -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        future = loop.create_future()
-        u1, u2, o = _Unit(), _Unit(), _other
+    future: Any = None  # _grouped looks at operations and keys only
+    u1, u2, o = _Unit(), _Unit(), _other
 
-        def keys(batch: list[Any]) -> list[tuple[str, str]]:
-            return [("unit" if isinstance(op, _Unit) else "other", key) for op, _, key in batch]
+    def keys(batch: list[Any]) -> list[tuple[str, str]]:
+        return [("unit" if isinstance(op, _Unit) else "other", key) for op, _, key in batch]
 
-        # The end of run r1 after its last step, a claim of r2 between: units first.
-        batch = [(u1, future, "r1"), (o, future, "r2"), (u2, future, "r3"), (o, future, "r1")]
-        assert keys(_grouped(batch)) == [
-            ("unit", "r1"),
-            ("unit", "r3"),
-            ("other", "r2"),
-            ("other", "r1"),
-        ]
-        # A control request on r1 before its step: the others first.
-        batch = [(o, future, "r1"), (u1, future, "r1"), (o, future, "r2"), (u2, future, "r3")]
-        assert keys(_grouped(batch)) == [
-            ("other", "r1"),
-            ("other", "r2"),
-            ("unit", "r1"),
-            ("unit", "r3"),
-        ]
-        # Both orders on one key: as it came.
-        batch = [(o, future, "r1"), (u1, future, "r1"), (o, future, "r1")]
-        assert _grouped(batch) == batch
-    finally:
-        loop.close()
+    # The end of run r1 after its last step, a claim of r2 between: units first.
+    batch = [(u1, future, "r1"), (o, future, "r2"), (u2, future, "r3"), (o, future, "r1")]
+    assert keys(_grouped(batch)) == [
+        ("unit", "r1"),
+        ("unit", "r3"),
+        ("other", "r2"),
+        ("other", "r1"),
+    ]
+    # A control request on r1 before its step: the others first.
+    batch = [(o, future, "r1"), (u1, future, "r1"), (o, future, "r2"), (u2, future, "r3")]
+    assert keys(_grouped(batch)) == [
+        ("other", "r1"),
+        ("other", "r2"),
+        ("unit", "r1"),
+        ("unit", "r3"),
+    ]
+    # Both orders on one key: as it came.
+    batch = [(o, future, "r1"), (u1, future, "r1"), (o, future, "r1")]
+    assert _grouped(batch) == batch

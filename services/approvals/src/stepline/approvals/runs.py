@@ -61,13 +61,11 @@ class RunEndings:
         store: ApprovalStore,
         js: JetStreamContext,
         streams: Streams,
-        batch: int = BATCH,
         pause_s: float = PAUSE_S,
     ) -> None:
         self._store = store
         self._js = js
         self._streams = streams
-        self._batch = batch
         self._pause_s = pause_s
         self._subscription: JetStreamContext.PullSubscription | None = None
 
@@ -92,9 +90,7 @@ class RunEndings:
         assert self._subscription is not None, "start() first"
         while True:
             try:
-                messages = await self._subscription.fetch(
-                    batch=self._batch, timeout=FETCH_TIMEOUT_S
-                )
+                messages = await self._subscription.fetch(batch=BATCH, timeout=FETCH_TIMEOUT_S)
             except (nats.errors.TimeoutError, TimeoutError):
                 continue
             except Exception as exc:  # NATS reconnecting, ...: try again shortly
@@ -102,7 +98,7 @@ class RunEndings:
                 await asyncio.sleep(1.0)
                 continue
             await self.handle(messages)
-            if len(messages) < self._batch:
+            if len(messages) < BATCH:
                 await asyncio.sleep(self._pause_s)
 
     async def handle(self, messages: Sequence[Msg]) -> None:

@@ -305,7 +305,9 @@ class Broker:
             try:
                 await asyncio.wait({future}, timeout=remaining)
                 if not future.done() and waiter.handing_over:
-                    await asyncio.wait({future})  # its statement is in flight: its answer
+                    # Its statement is in flight: wait for it to settle (it sets
+                    # the answer if it granted; if not, the deadline has passed).
+                    await waiter.handed.wait()
             except asyncio.CancelledError:
                 self._abandon(waiter)
                 raise
@@ -504,6 +506,7 @@ class Broker:
             # marked now, not in the task below: a release served before that
             # task starts must not pick the same waiter
             waiter.handing_over = True
+            waiter.handed.clear()
             return await shielded(self._hand_over(entry, live, request, waiter, actor))
         return await shielded(
             self._release(
@@ -595,6 +598,7 @@ class Broker:
             granted = None
         finally:
             waiter.handing_over = False
+            waiter.handed.set()
         if granted is None:
             return await self._release(
                 entry, live, request, next_state=AVAILABLE, reason="released", actor=actor

@@ -178,6 +178,8 @@ class Waiter:
     since: float = field(default_factory=time.monotonic)
     #: a release is handing its device over to this call (statement in flight)
     handing_over: bool = False
+    #: set when that hand-over has settled, granted or not
+    handed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def selector(self) -> Selector:

@@ -495,8 +495,7 @@ async def late_cancel(worker: Worker, run_id: str) -> common_pb2.Failure | None:
         )
         fence = worker.ledger.fence(claim)
         why = failure(F.FAILURE_REASON_CANCELLED, "cancelled while the run was suspending")
-        await fence.transition_run(R.WORKFLOW_RUN_STATE_CANCELLED, failure=why)
-        await fence.release("terminal")
+        await fence.transition_run(R.WORKFLOW_RUN_STATE_CANCELLED, failure=why, release="terminal")
     except SteplineError as exc:
         log.warning("run %s: a pending cancel was not applied: %s", run_id, exc)
         return None

@@ -67,7 +67,7 @@ _Group = tuple[list[pb.StepTransition], list["asyncio.Future[pb.StepTransitionRe
 
 
 class TransitionBatcher:
-    """Sends task and chunk transitions in shared ``ApplyTransitions`` calls.
+    """Sends task, chunk and run transitions in shared ``ApplyTransitions`` calls.
 
     A transition is sent at once when a call slot is free (after one turn of
     the event loop, so that transitions made ready together travel together);
@@ -166,7 +166,7 @@ class Ledger:
     async def apply_transitions(
         self, items: list[pb.StepTransition]
     ) -> list[pb.StepTransitionResult]:
-        """Task or chunk transitions, in order in one call through the batcher;
+        """Task, chunk or run transitions, in order in one call through the batcher;
         the first item the ledger refused raises its Stepline error (use with
         :meth:`call` for retries: a replay of applied items is a no-op)."""
         results = await self.transitions.apply_all(items)

@@ -340,8 +340,10 @@ class EventRelay:
                 data = published_event(row).SerializeToString()
                 headers = {MSG_ID_HEADER: event_id, CONTENT_TYPE_HEADER: _CONTENT_TYPE}
                 try:
-                    if limit is not None and len(data) + _header_bytes(headers) > limit:
-                        raise EventTooLarge(event_id, len(data) + _header_bytes(headers), limit)
+                    if limit is not None:
+                        size = len(data) + _header_bytes(headers)
+                        if size > limit:
+                            raise EventTooLarge(event_id, size, limit)
                     future = await publish(prefix + run_id, data, stream=stream, headers=headers)
                 except Exception as exc:
                     if failure is None:

@@ -159,7 +159,7 @@ class StepMemory:
         self.forget(run_id)
         size = len(rows.tasks)
         if size > self.max_tasks // 4:
-            return  # a very large run is read whole each time instead
+            return  # a batch moving that many tasks of one run reads them each time
         self.runs[run_id] = rows
         self._counted[run_id] = size
         self.tasks += size
@@ -192,15 +192,15 @@ class StepUnit:
         memory: StepMemory | None = None,
         remembered: dict[str, _RunRows] | None = None,
         touched: dict[str, list[str]] | None = None,
-        whole_runs: bool = False,
+        windows: bool = False,
     ) -> None:
         self._memory = memory
         self.unsure = False
         # Runs whose rows came from memory, and whether the rows read here are
-        # whole runs (every unfinished task), which memory may then keep.
+        # windows of their runs (see _LOAD_RUNS_SQL), which memory may then keep.
         self.remembered = remembered or {}
         self._touched = touched or {}
-        self._whole_runs = whole_runs
+        self._windows = windows
         if record is not None:
             self._db_now: datetime = record["now"]
             self._mono = time.monotonic()
@@ -287,11 +287,9 @@ class StepUnit:
                 rows = memory.get(run_id, tasks)
                 if rows is not None:
                     remembered[run_id] = rows
-        if len(remembered) == len(task_ids) and memory.db_now is not None:
-            return cls(
-                None, memory=memory, remembered=remembered, touched=task_ids, whole_runs=True
-            )
-        # Whole runs for those not remembered, with the idempotency records of
+        if len(remembered) == len(task_ids):
+            return cls(None, memory=memory, remembered=remembered, touched=task_ids, windows=True)
+        # A window of each run not remembered, with the idempotency records of
         # their transitions.
         missing = [op for op in steps if op.run_id not in remembered]
         unit = cls(
@@ -306,7 +304,7 @@ class StepUnit:
             memory=memory,
             remembered=remembered,
             touched=task_ids,
-            whole_runs=True,
+            windows=True,
         )
         chunked = sorted(
             {
@@ -345,12 +343,12 @@ class StepUnit:
         )
 
     def remember(self) -> None:
-        """After the write: keep the runs read whole in memory (their unfinished
-        tasks), update the remembered ones, forget the others."""
+        """After the write: keep the runs read as windows in memory (their
+        unfinished tasks), update the remembered ones, forget the others."""
         memory = self._memory
         if memory is None:
             return
-        if not self._whole_runs:
+        if not self._windows:
             for run_id in self.runs:
                 memory.forget(run_id)
             return
@@ -361,7 +359,7 @@ class StepUnit:
                     rows.drop(task_id)  # no transition leaves a terminal state
                 elif task_id in self.attempts:
                     rows.attempts[task_id] = self.attempts[task_id]
-        # Runs read whole: their unfinished tasks.
+        # Runs read as windows: their unfinished tasks.
         kept = {
             run_id: _RunRows(run, {}, {}, {})
             for run_id, run in self.runs.items()

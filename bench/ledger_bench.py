@@ -28,7 +28,7 @@ i.e. wrote no index entry); ``--profile`` runs the ledger phase under
 cProfile and prints its top functions.
 
     .venv/bin/python bench/ledger_bench.py [--clients 32] [--seconds 10] [--shards 4]
-        [--tables] [--profile] [--grpc [--batched]]
+        [--tables] [--profile] [--grpc [--batched]] [--stagger]
 """
 
 from __future__ import annotations
@@ -238,12 +238,12 @@ async def plain_inserts(
             await conn.close()
 
 
-def create_request(n: int) -> pb.CreateRunRequest:
+def create_request(n: int, steps: int = STEPS) -> pb.CreateRunRequest:
     definition = workflow_pb2.WorkflowDefinition(name="bench", version=1)
     request = pb.CreateRunRequest(
         request_id=f"bench-{n}-{time.time_ns()}", definition=definition, initiator=ACTOR
     )
-    for i in range(STEPS):
+    for i in range(steps):
         request.tasks.add(
             step_id=f"s{i}", step_path=f"s{i}", kind=workflow_pb2.STEP_KIND_ATOMIC, verb="core.noop"
         )
@@ -251,18 +251,34 @@ def create_request(n: int) -> pb.CreateRunRequest:
 
 
 class RunDriver:
-    """Drives one run through task transitions: RUNNING, SUCCEEDED, next task..."""
+    """Drives one run through task transitions: RUNNING, SUCCEEDED, next task...
 
-    def __init__(self, call: Callable[[str, object], Awaitable[object]], n: int) -> None:
+    Runs have ``STEPS`` tasks. With ``stagger``, the first run of driver ``n``
+    of ``clients`` is shorter, so that the drivers come to their next runs'
+    creations one after another, as under a steady load, rather than all at
+    once, and their runs are at different tasks.
+    """
+
+    def __init__(
+        self,
+        call: Callable[[str, object], Awaitable[object]],
+        n: int,
+        *,
+        clients: int = 1,
+        stagger: bool = False,
+    ) -> None:
         self.call = call
         self.n = n
         self.run_id = ""
         self.epoch = 0
-        self.index = STEPS  # forces a new run on first use
+        self.steps = STEPS - (n * STEPS) // clients if stagger else STEPS  # this run's length
+        self.index = self.steps  # forces a new run on first use
         self.phase = 0
 
     async def new_run(self) -> None:
-        created = await self.call("create_run", create_request(self.n))
+        if self.run_id:
+            self.steps = STEPS
+        created = await self.call("create_run", create_request(self.n, self.steps))
         self.run_id = created.run.run_id  # type: ignore[attr-defined]
         claim = await self.call(
             "claim_run",
@@ -285,7 +301,7 @@ class RunDriver:
 
     async def step(self) -> None:
         """One task transition (setting up a fresh run is not timed separately)."""
-        if self.index >= STEPS:
+        if self.index >= self.steps:
             await self.new_run()
         state = T.TASK_RUN_STATE_RUNNING if self.phase == 0 else T.TASK_RUN_STATE_SUCCEEDED
         task_id = f"{self.run_id}/s{self.index}"
@@ -314,6 +330,7 @@ class Options:
     profile: bool
     profile_top: int
     batched: bool = False
+    stagger: bool = False
 
 
 async def ledger_store(
@@ -333,7 +350,10 @@ async def ledger_store(
     async def call(method: str, request: object) -> object:
         return await getattr(store, method)(request)
 
-    drivers = [RunDriver(call, n) for n in range(options.clients)]
+    drivers = [
+        RunDriver(call, n, clients=options.clients, stagger=options.stagger)
+        for n in range(options.clients)
+    ]
     for driver in drivers:
         await driver.new_run()
     schema = "ledger" if options.tables else None
@@ -425,7 +445,10 @@ async def ledger_grpc(
                 return result.task
             return await getattr(stub, _RPC[method])(request)
 
-        drivers = [RunDriver(call, n) for n in range(options.clients)]
+        drivers = [
+            RunDriver(call, n, clients=options.clients, stagger=options.stagger)
+            for n in range(options.clients)
+        ]
         for driver in drivers:
             await driver.new_run()
         others = {"ledger service": ledger.pid, "nats": nats.pid}
@@ -500,6 +523,11 @@ async def main() -> None:
         action="store_true",
         help="with --grpc: task transitions in shared ApplyTransitions calls (as executors)",
     )
+    parser.add_argument(
+        "--stagger",
+        action="store_true",
+        help="spread the clients' runs over their tasks (and their creations over time)",
+    )
     args = parser.parse_args()
     options = Options(
         args.clients,
@@ -509,6 +537,7 @@ async def main() -> None:
         args.profile,
         args.profile_top,
         args.batched,
+        args.stagger,
     )
 
     record = None
@@ -519,7 +548,7 @@ async def main() -> None:
             record = embedded.start_postgres(
                 Path(tmp) / "pg", port=port, log_path=Path(tmp) / "pg.log"
             )
-            dsn = embedded.postgres_dsn(port)
+            dsn = embedded.record_dsn(record)
         pg_pid = record.pid if record is not None else None
         try:
             print(

@@ -7,6 +7,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from stepline.common import embedded
 from stepline.common.db import Migration, apply_migrations, create_pool, load_migrations
 from stepline.common.errors import ConfigError
 
@@ -112,3 +113,26 @@ def test_load_migrations_rejects_bad_sets(
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError, match=message):
         load_migrations(_package(tmp_path, files))
+
+
+async def test_the_embedded_server_is_reached_through_its_unix_socket(
+    postgres_url: str, database_url: str
+) -> None:
+    if "host=/" not in postgres_url:
+        pytest.skip("the suite runs against a given server (STEPLINE_TEST_DATABASE_URL)")
+    conn = await asyncpg.connect(database_url)
+    try:
+        # A Unix-socket session has no client address.
+        assert await conn.fetchval("SELECT inet_client_addr()") is None
+    finally:
+        await conn.close()
+
+
+def test_a_socket_path_too_long_for_the_kernel_falls_back_to_tcp(tmp_path: Path) -> None:
+    short = embedded.postgres_dsn(5432, "db", socket_dir=Path("/tmp/pg"))
+    assert short == "postgresql://postgres@/db?host=/tmp/pg&port=5432"
+    long_dir = tmp_path / ("d" * 120)
+    assert embedded.postgres_dsn(5432, "db", socket_dir=long_dir) == (
+        "postgresql://postgres@127.0.0.1:5432/db"
+    )
+    assert embedded.postgres_dsn(5432) == "postgresql://postgres@127.0.0.1:5432/postgres"

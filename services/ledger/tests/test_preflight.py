@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
 
@@ -45,6 +47,39 @@ async def test_create_run_is_idempotent(ledger: Ledger) -> None:
     assert not again.created
     assert again.run.run_id == first.run.run_id
     assert await _counts(ledger.pool) == before
+
+
+async def test_concurrent_identical_creations_make_one_run(ledger: Ledger) -> None:
+    responses = await asyncio.gather(
+        *(ledger.store.create_run(create_request("same")) for _ in range(5))
+    )
+    assert len({r.run.run_id for r in responses}) == 1
+    assert [r.created for r in responses].count(True) == 1
+    assert (await _counts(ledger.pool))["runs"] == 1
+
+
+async def test_a_creation_does_not_wait_for_the_shards(ledger: Ledger) -> None:
+    """A run's creation is applied beside the committer's shards: a shard busy
+    with a long batch does not hold it up."""
+    committer = ledger.store.committer
+    release = asyncio.Event()
+    busy = 0
+
+    async def hold(conn: asyncpg.Connection) -> None:
+        nonlocal busy
+        busy += 1
+        await release.wait()
+
+    holders = [
+        asyncio.create_task(committer.submit(f"key-{n}", hold)) for n in range(64)
+    ]  # every shard gets one of 64 keys
+    try:
+        created = await asyncio.wait_for(ledger.store.create_run(create_request()), 30)
+        assert created.created
+        assert 0 < busy < len(holders)  # the shards were still held meanwhile
+    finally:
+        release.set()
+        await asyncio.gather(*holders)
 
 
 async def test_a_conflicting_replay_is_refused_and_changes_nothing(ledger: Ledger) -> None:

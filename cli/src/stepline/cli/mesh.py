@@ -392,7 +392,7 @@ def _start_services(
     state.tokens = tokens
     state.admin_token = tokens["admin"]
     postgres, nats, adb = (state.record(name) for name in ("postgres", "nats", "adb"))
-    database_url = embedded.postgres_dsn(postgres.port, DATABASE)
+    database_url = embedded.record_dsn(postgres, DATABASE)
     names = [*SERVICES, *(f"executor-{i}" for i in range(2, executors + 1))]
     ports = {name: embedded.free_port() for name in names}
     webhook_port = _stable_ports(state.state_dir, ["approvals-webhook"], avoid=ports.values())[

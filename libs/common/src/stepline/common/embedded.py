@@ -22,6 +22,7 @@ import sys
 import sysconfig
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -229,8 +230,28 @@ def _pg_os_user(data_dir: Path) -> str | None:
     return PG_OS_USER
 
 
-def postgres_dsn(port: int, database: str = "postgres") -> str:
+# The longest Unix socket path the kernel takes (sun_path is 108 bytes on Linux).
+_MAX_SOCKET_PATH = 107
+
+
+def postgres_dsn(port: int, database: str = "postgres", *, socket_dir: Path | None = None) -> str:
+    """The DSN of the embedded PostgreSQL on ``port``.
+
+    With ``socket_dir`` (the server's ``unix_socket_directories``), through its
+    Unix socket: a round trip there costs the client about a third less CPU
+    than one over loopback TCP, and the services make many. Over TCP on
+    127.0.0.1 when no directory is given or its socket path is too long.
+    """
+    if socket_dir is not None and len(str(socket_dir / f".s.PGSQL.{port}")) <= _MAX_SOCKET_PATH:
+        host = urllib.parse.quote(str(socket_dir), safe="/")
+        return f"postgresql://{PG_SUPERUSER}@/{database}?host={host}&port={port}"
     return f"postgresql://{PG_SUPERUSER}@127.0.0.1:{port}/{database}"
+
+
+def record_dsn(record: ProcessRecord, database: str = "postgres") -> str:
+    """The DSN of ``database`` on the PostgreSQL that :func:`start_postgres` started."""
+    socket_dir = record.extra.get("socket_dir")
+    return postgres_dsn(record.port, database, socket_dir=Path(socket_dir) if socket_dir else None)
 
 
 def start_postgres(
@@ -278,9 +299,10 @@ def start_postgres(
         "postgres",
         argv,
         log_path=log_path,
-        endpoint=postgres_dsn(port),
+        endpoint=postgres_dsn(port, socket_dir=data_dir.resolve()),
         port=port,
         user=user,
+        extra={"socket_dir": str(data_dir.resolve())},
         stop_signal=signal.SIGINT,  # "fast" shutdown: disconnect clients, checkpoint
     )
     wait_until(

@@ -49,7 +49,7 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         root / "data", port=port, log_path=root / "postgres.log", settings=_FAST_PG
     )
     try:
-        yield embedded.postgres_dsn(port)
+        yield embedded.record_dsn(record)
     finally:
         embedded.stop(record)
 

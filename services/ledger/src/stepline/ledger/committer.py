@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -143,6 +144,8 @@ class GroupCommitter:
         self._workers: list[asyncio.Task[None]] = []
         self.batches = 0
         self.operations = 0
+        # Keys of operations applied alone, in flight: one at a time per key.
+        self._alone: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def start(self) -> None:
         for index, shard in enumerate(self._shards):
@@ -166,6 +169,26 @@ class GroupCommitter:
         shard = self._shards[zlib.crc32(key.encode()) % len(self._shards)]
         shard.queue.put_nowait((operation, future, key))
         return await future
+
+    async def apply_alone(self, key: str, operation: Operation[T]) -> T:
+        """Apply ``operation`` in a transaction of its own on a pool connection,
+        beside the shards: for a large write that nothing else of its run can be
+        waiting on (a run's creation), which would hold up a shard's batch.
+        Operations of one ``key`` are applied one at a time."""
+        if not self._workers:
+            raise Unavailable("the ledger is not accepting writes")
+        assert not isinstance(operation, UnitOperation)
+        lock = self._alone.setdefault(key, asyncio.Lock())
+        async with lock, self._pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    result = await operation(conn)
+            except asyncpg.SerializationError as exc:
+                log.warning("ledger write conflicted: %s", exc)
+                raise Aborted(f"the run changed concurrently, retry: {exc}") from exc
+        if self.on_commit is not None:
+            self.on_commit()
+        return result
 
     async def _work(self, shard: _Shard) -> None:
         conn: asyncpg.Connection | None = None

@@ -211,7 +211,9 @@ class LedgerStore:
             await log.flush(conn, request=request, response=response)
             return response
 
-        return await self.committer.submit(request.request_id, operation)
+        # A new run: nothing else of it can be queued yet, and its rows (every
+        # task) would hold up a shard's batch.
+        return await self.committer.apply_alone(request.request_id, operation)
 
     # --- claims --------------------------------------------------------------------
 

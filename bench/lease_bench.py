@@ -63,7 +63,7 @@ from stepline.common import embedded
 from stepline.common.auth import Authenticator, Principal, new_token
 from stepline.common.client import check_health, open_channel
 from stepline.common.config import ClientSettings
-from stepline.common.lease_session import LeaseSession
+from stepline.common.lease_session import ANSWER_MARGIN_S, LeaseSession
 
 AVAILABLE = 1
 #: BENCH_PROFILE=prefix runs each broker under cProfile, writing prefix-<cleanup profile>
@@ -258,7 +258,9 @@ async def run_phase(
             while time.perf_counter() < stop_at:
                 started = time.perf_counter()
                 # max_wait as the unary Lease's deadline
-                granted = await session.lease(lease_request(n), max_wait_s=60, timeout_s=65)
+                granted = await session.lease(
+                    lease_request(n), max_wait_s=60, timeout_s=60 + ANSWER_MARGIN_S
+                )
                 phase.acquire.append(time.perf_counter() - started)
                 await session.release(release_request(granted.lease), timeout_s=60)
                 phase.cycles += 1

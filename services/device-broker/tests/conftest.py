@@ -104,14 +104,21 @@ class Mesh:
         request_id: str | None = None,
     ) -> pb.ReleaseResponse:
         return await self.service.Release(
-            pb.ReleaseRequest(
-                request_id=request_id or f"release-{lease.lease_id}",
-                lease_id=lease.lease_id,
-                token=lease.token,
-                outcome=outcome,  # type: ignore[arg-type]
-                message=message,
-            )
+            release_request(lease, outcome, message=message, request_id=request_id)
         )
+
+    @property
+    def waiters(self) -> int:
+        """How many Lease calls wait for a device in the broker now."""
+        return len(self.running.broker._waiters)
+
+    async def wait_waiters(self, n: int, *, timeout_s: float = 20.0) -> None:
+        """Until exactly ``n`` Lease calls wait for a device."""
+
+        async def check() -> bool:
+            return self.waiters == n
+
+        await eventually(check, what=f"{n} waiting Lease call(s)", timeout_s=timeout_s)
 
 
 def lease_request(
@@ -129,6 +136,24 @@ def lease_request(
         selector=pb.DeviceSelector(pool=pool, model=model, labels=labels or {}, account=account),
         holder=pb.LeaseHolder(executor_id=executor, run_id="run-1", task_id="task-1"),
         ttl=Duration(seconds=int(ttl_s), nanos=int((ttl_s % 1) * 1e9)),
+    )
+
+
+def release_request(
+    lease: pb.Lease,
+    outcome: int = pb.RELEASE_OUTCOME_COMPLETED,
+    *,
+    message: str = "",
+    request_id: str | None = None,
+    token: int | None = None,
+) -> pb.ReleaseRequest:
+    """A Release of ``lease`` (``token``: another token than the lease's)."""
+    return pb.ReleaseRequest(
+        request_id=request_id or f"release-{lease.lease_id}",
+        lease_id=lease.lease_id,
+        token=lease.token if token is None else token,
+        outcome=outcome,  # type: ignore[arg-type]
+        message=message,
     )
 
 

@@ -14,12 +14,11 @@ from stepline.api.device_broker.v1 import device_broker_pb2 as pb
 from stepline.common.auth import Principal
 from stepline.phone.testing import PhoneFactory
 
-from .conftest import AVAILABLE, LEASED, MeshFactory, eventually
+from .conftest import AVAILABLE, LEASED, Mesh, MeshFactory
 
 
-async def _device_row(mesh: object, serial: str) -> tuple[int, int, str | None]:
-    store = mesh.running.broker.store  # type: ignore[attr-defined]
-    row = await store.pool.fetchrow(
+async def _device_row(mesh: Mesh, serial: str) -> tuple[int, int, str | None]:
+    row = await mesh.running.broker.store.pool.fetchrow(
         "SELECT version, state, lease_id FROM devices WHERE serial = $1", serial
     )
     return row["version"], row["state"], row["lease_id"]
@@ -32,9 +31,8 @@ async def test_release_hands_the_phone_to_the_waiting_call(
     async with broker_mesh(cleanup_profiles={"default": "none"}) as mesh:
         await mesh.wait_available([phone.address])
         held = (await mesh.lease(executor="first")).lease
-        waiters = mesh.running.broker._waiters
         waiting = asyncio.ensure_future(mesh.lease(executor="second", timeout_s=20))
-        await eventually(lambda: _at_least(waiters, 1), what="the waiting call")
+        await mesh.wait_waiters(1)
         version_before, _, _ = await _device_row(mesh, phone.address)
 
         released = await mesh.release(held, message="done")
@@ -83,9 +81,8 @@ async def test_a_hand_over_that_cannot_grant_falls_back_to_a_release(
         ended = (await mesh.lease(request_id="used")).lease
         await mesh.release(ended)
         held = (await mesh.lease(executor="first")).lease
-        waiters = mesh.running.broker._waiters
         waiting = asyncio.ensure_future(mesh.lease(request_id="used", timeout_s=20))
-        await eventually(lambda: _at_least(waiters, 1), what="the waiting call")
+        await mesh.wait_waiters(1)
 
         with caplog.at_level(logging.INFO, logger="stepline.device_broker.broker"):
             released = await mesh.release(held)
@@ -103,7 +100,7 @@ async def test_a_hand_over_that_cannot_grant_falls_back_to_a_release(
             "SELECT end_reason FROM leases WHERE lease_id = $1", held.lease_id
         )
         assert [row["end_reason"] for row in ends] == ["released"]
-        assert not waiters
+        assert mesh.waiters == 0
         assert (await mesh.lease(executor="later")).lease.token == held.token + 1
 
 
@@ -119,7 +116,7 @@ async def test_two_releases_at_once_hand_over_to_one_waiter_once(
         held = [(await mesh.lease(executor=f"holder-{n}")).lease for n in range(2)]
         broker = mesh.running.broker
         waiting = asyncio.ensure_future(mesh.lease(executor="waiter", timeout_s=20))
-        await eventually(lambda: _at_least(broker._waiters, 1), what="the waiting call")
+        await mesh.wait_waiters(1)
         actor = Principal("executor", frozenset({"service"}))
         requests = [
             pb.ReleaseRequest(
@@ -141,7 +138,3 @@ async def test_two_releases_at_once_hand_over_to_one_waiter_once(
         assert (await mesh.device(other)).state == AVAILABLE
         count = await broker.store.pool.fetchval("SELECT count(*) FROM leases")
         assert count == 3
-
-
-async def _at_least(waiters: object, n: int) -> bool:
-    return len(waiters) >= n  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ authorization at the stream's opening, end of input and cancellation."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -13,7 +14,7 @@ from google.protobuf.duration_pb2 import Duration
 from stepline.api.device_broker.v1 import device_broker_pb2 as pb
 from stepline.phone.testing import PhoneFactory
 
-from .conftest import AVAILABLE, LEASED, Mesh, MeshFactory, eventually, lease_request
+from .conftest import AVAILABLE, LEASED, MeshFactory, lease_request, release_request
 
 Session = grpc.aio.StreamStreamCall[pb.LeaseSessionRequest, pb.LeaseSessionResponse]
 
@@ -25,24 +26,11 @@ def lease(request_id: str, *, max_wait_s: float | None = None) -> pb.LeaseSessio
     return request
 
 
-def release(request_id: str, granted: pb.Lease, *, token: int | None = None) -> pb.ReleaseRequest:
-    return pb.ReleaseRequest(
-        request_id=request_id,
-        lease_id=granted.lease_id,
-        token=granted.token if token is None else token,
-        outcome=pb.RELEASE_OUTCOME_COMPLETED,
-    )
-
-
 async def answer(session: Session) -> pb.LeaseSessionResponse:
     response = await session.read()
     assert response is not grpc.aio.EOF, "the stream ended"
     assert isinstance(response, pb.LeaseSessionResponse)
     return response
-
-
-async def _waiting(mesh: Mesh, n: int) -> bool:
-    return len(mesh.running.broker._waiters) == n
 
 
 async def test_lease_renew_and_release_on_one_stream(
@@ -67,7 +55,7 @@ async def test_lease_renew_and_release_on_one_stream(
         renewed = await answer(session)
         assert renewed.request_id == "n1" and renewed.WhichOneof("response") == "renew"
         assert renewed.renew.lease.expire_time.ToDatetime() > held.expire_time.ToDatetime()
-        await session.write(pb.LeaseSessionRequest(release=release("r1", held)))
+        await session.write(pb.LeaseSessionRequest(release=release_request(held, request_id="r1")))
         released = await answer(session)
         assert released.request_id == "r1" and released.WhichOneof("response") == "release"
         assert released.release.device.serial == phone.address
@@ -93,11 +81,13 @@ async def test_a_release_is_answered_while_a_lease_on_the_stream_waits(
         first = await answer(session)
         assert first.request_id == "first"
         await session.write(lease("second"))
-        await eventually(lambda: _waiting(mesh, 1), what="the second lease waiting")
-        await session.write(pb.LeaseSessionRequest(release=release("done", first.lease.lease)))
+        await mesh.wait_waiters(1)
+        await session.write(
+            pb.LeaseSessionRequest(release=release_request(first.lease.lease, request_id="done"))
+        )
         released = await answer(session)
         assert released.request_id == "done" and released.WhichOneof("response") == "release"
-        assert await _waiting(mesh, 1)  # answered while the second lease waits
+        assert mesh.waiters == 1  # answered while the second lease waits
         second = await answer(session)
         assert second.request_id == "second" and second.WhichOneof("response") == "lease"
         assert second.lease.lease.serial == phone.address
@@ -131,7 +121,7 @@ async def test_an_error_answers_its_request_only(
         assert "holder.executor_id" in invalid.error.message
         await session.write(lease("l1"))
         held = (await answer(session)).lease.lease
-        stale = release("stale", held, token=held.token + 1)
+        stale = release_request(held, request_id="stale", token=held.token + 1)
         await session.write(pb.LeaseSessionRequest(release=stale))
         refused = await answer(session)
         assert refused.request_id == "stale" and refused.WhichOneof("response") == "error"
@@ -141,7 +131,7 @@ async def test_an_error_answers_its_request_only(
         assert refused.error.code == info.value.code().value[0]
         assert refused.error.message == info.value.details()
         assert "stale fencing token" in refused.error.message
-        await session.write(pb.LeaseSessionRequest(release=release("r1", held)))
+        await session.write(pb.LeaseSessionRequest(release=release_request(held, request_id="r1")))
         released = await answer(session)
         assert released.request_id == "r1" and released.WhichOneof("response") == "release"
         assert (await mesh.device(phone.address)).state == AVAILABLE
@@ -190,7 +180,7 @@ async def test_max_wait_bounds_a_waiting_lease(
         assert refused.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
         assert "became free" in refused.error.message
         assert 0.4 < waited < 2.0
-        assert await _waiting(mesh, 0)
+        assert mesh.waiters == 0
         assert (await mesh.device(phone.address)).lease.lease_id == held.lease_id
         await session.done_writing()
         assert await session.read() is grpc.aio.EOF
@@ -206,7 +196,7 @@ async def test_closing_the_stream_answers_what_is_in_flight(
         session = mesh.service.LeaseSession(timeout=60)
         await session.write(lease("waits"))
         await session.done_writing()
-        await eventually(lambda: _waiting(mesh, 1), what="the lease waiting")
+        await mesh.wait_waiters(1)
         await mesh.release(held)
         granted = await answer(session)
         assert granted.request_id == "waits" and granted.lease.lease.token == held.token + 1
@@ -223,11 +213,103 @@ async def test_cancelling_the_stream_abandons_a_waiting_lease(
         held = (await mesh.lease()).lease
         session = mesh.service.LeaseSession(timeout=60)
         await session.write(lease("abandoned"))
-        await eventually(lambda: _waiting(mesh, 1), what="the lease waiting")
+        await mesh.wait_waiters(1)
         session.cancel()
-        await eventually(lambda: _waiting(mesh, 0), what="the waiting lease abandoned")
+        await mesh.wait_waiters(0)
         await mesh.release(held)
         device = await mesh.wait_state(phone.address, AVAILABLE)
         assert not device.HasField("lease")
         again = (await mesh.lease()).lease
         assert again.token == held.token + 1
+
+
+@pytest.mark.parametrize(
+    ("raised", "code"),
+    [
+        (NotImplementedError("not yet"), grpc.StatusCode.UNIMPLEMENTED),
+        (RuntimeError("secret detail"), grpc.StatusCode.INTERNAL),
+    ],
+)
+async def test_a_session_answers_an_unexpected_error_as_the_unary_call_does(
+    broker_mesh: MeshFactory,
+    phones: PhoneFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    raised: Exception,
+    code: grpc.StatusCode,
+) -> None:
+    (phone,) = phones(1)
+    async with broker_mesh(cleanup_profiles={"default": "none"}) as mesh:
+        await mesh.wait_available([phone.address])
+        held = (await mesh.lease()).lease
+        renew = pb.RenewRequest(request_id="n1", lease_id=held.lease_id, token=held.token)
+
+        async def fail(request: pb.RenewRequest) -> pb.RenewResponse:
+            raise raised
+
+        monkeypatch.setattr(mesh.running.broker, "renew", fail)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await mesh.service.Renew(renew)
+        assert info.value.code() == code
+        session = mesh.service.LeaseSession(timeout=60)
+        await session.write(pb.LeaseSessionRequest(renew=renew))
+        refused = await answer(session)
+        assert refused.request_id == "n1" and refused.WhichOneof("response") == "error"
+        assert refused.error.code == code.value[0]
+        assert refused.error.message == info.value.details()
+        assert "secret" not in refused.error.message
+        await session.write(pb.LeaseSessionRequest(release=release_request(held)))
+        released = await answer(session)  # the stream goes on
+        assert released.WhichOneof("response") == "release"
+        await session.done_writing()
+        assert await session.read() is grpc.aio.EOF
+
+
+async def test_renew_and_release_ignore_max_wait(
+    broker_mesh: MeshFactory, phones: PhoneFactory
+) -> None:
+    (phone,) = phones(1)
+    async with broker_mesh(cleanup_profiles={"default": "none"}) as mesh:
+        await mesh.wait_available([phone.address])
+        held = (await mesh.lease()).lease
+        negative = Duration(seconds=-1)
+        renew = pb.RenewRequest(request_id="n1", lease_id=held.lease_id, token=held.token)
+        session = mesh.service.LeaseSession(timeout=60)
+        await session.write(pb.LeaseSessionRequest(renew=renew, max_wait=negative))
+        renewed = await answer(session)
+        assert renewed.request_id == "n1" and renewed.WhichOneof("response") == "renew"
+        release = release_request(held, request_id="r1")
+        await session.write(pb.LeaseSessionRequest(release=release, max_wait=negative))
+        released = await answer(session)
+        assert released.request_id == "r1" and released.WhichOneof("response") == "release"
+        assert (await mesh.device(phone.address)).state == AVAILABLE
+        await session.done_writing()
+        assert await session.read() is grpc.aio.EOF
+
+
+async def test_a_zero_max_wait_does_not_wait(
+    broker_mesh: MeshFactory, phones: PhoneFactory
+) -> None:
+    """max_wait is how long a Lease may wait: zero, not at all (a device that is
+    free is granted, else DEADLINE_EXCEEDED at once); unset, the broker's
+    maximum (see test_a_release_is_answered_while_a_lease_on_the_stream_waits)."""
+    (phone,) = phones(1)
+    async with broker_mesh(cleanup_profiles={"default": "none"}) as mesh:
+        await mesh.wait_available([phone.address])
+        held = (await mesh.lease()).lease
+        session = mesh.service.LeaseSession(timeout=60)
+        started = time.monotonic()
+        await session.write(lease("busy", max_wait_s=0))
+        refused = await asyncio.wait_for(answer(session), 5)
+        assert time.monotonic() - started < 1.0
+        assert refused.request_id == "busy"
+        assert refused.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        assert "became free" in refused.error.message
+        assert mesh.waiters == 0
+        await mesh.release(held)
+        await mesh.wait_state(phone.address, AVAILABLE)
+        await session.write(lease("free", max_wait_s=0))
+        granted = await asyncio.wait_for(answer(session), 5)
+        assert granted.request_id == "free" and granted.WhichOneof("response") == "lease"
+        assert granted.lease.lease.token == held.token + 1
+        await session.done_writing()
+        assert await session.read() is grpc.aio.EOF

@@ -28,22 +28,9 @@ from stepline.common.testing import Credentials
 from stepline.device_broker.config import DeviceBrokerSettings
 from stepline.phone.testing import PhoneFactory
 
-from .conftest import AVAILABLE, LEASED, Mesh, MeshFactory, eventually, lease_request
+from .conftest import AVAILABLE, LEASED, MeshFactory, lease_request, release_request
 
 NO_CLEANUP = {"default": "none"}
-
-
-def release(request_id: str, held: pb.Lease, *, token: int | None = None) -> pb.ReleaseRequest:
-    return pb.ReleaseRequest(
-        request_id=request_id,
-        lease_id=held.lease_id,
-        token=held.token if token is None else token,
-        outcome=pb.RELEASE_OUTCOME_COMPLETED,
-    )
-
-
-async def _waiting(mesh: Mesh, n: int) -> bool:
-    return len(mesh.running.broker._waiters) == n
 
 
 async def test_lease_renew_and_release_through_the_client(
@@ -65,7 +52,7 @@ async def test_lease_renew_and_release_through_the_client(
             # a replay is answered as the first time (the broker's idempotency)
             again = await session.lease(lease_request(request_id="l1"), timeout_s=10)
             assert again.lease.lease_id == held.lease_id
-            released = await session.release(release("r1", held), timeout_s=10)
+            released = await session.release(release_request(held, request_id="r1"), timeout_s=10)
             assert released.device.serial == phone.address
             with pytest.raises(FailedPrecondition, match="has ended"):
                 await session.lease(lease_request(request_id="l1"), timeout_s=10)
@@ -84,14 +71,14 @@ async def test_an_error_answer_raises_its_error_and_the_session_goes_on(
             with pytest.raises(InvalidArgument, match="needs a request_id"):
                 await session.lease(pb.LeaseRequest(), timeout_s=10)
             held = (await session.lease(lease_request(request_id="l1"), timeout_s=10)).lease
-            stale = release("stale", held, token=held.token + 1)
+            stale = release_request(held, request_id="stale", token=held.token + 1)
             with pytest.raises(FailedPrecondition, match="stale fencing token"):
                 await session.release(stale, timeout_s=10)
             started = time.monotonic()
             with pytest.raises(DeadlineExceeded, match="became free"):  # the broker's answer
                 await session.lease(lease_request(request_id="l2"), max_wait_s=0.3, timeout_s=10)
             assert time.monotonic() - started < 3
-            await session.release(release("r1", held), timeout_s=10)
+            await session.release(release_request(held, request_id="r1"), timeout_s=10)
             assert (await mesh.device(phone.address)).state == AVAILABLE
 
 
@@ -106,8 +93,10 @@ async def test_a_release_is_answered_while_a_lease_on_the_same_client_waits(
             second = asyncio.create_task(
                 session.lease(lease_request(request_id="second"), max_wait_s=20, timeout_s=30)
             )
-            await eventually(lambda: _waiting(mesh, 1), what="the second lease waiting")
-            released = await session.release(release("done", first), timeout_s=10)
+            await mesh.wait_waiters(1)
+            released = await session.release(
+                release_request(first, request_id="done"), timeout_s=10
+            )
             assert released.device.serial == phone.address
             granted = (await asyncio.wait_for(second, 10)).lease
             assert granted.serial == phone.address and granted.token == first.token + 1
@@ -127,7 +116,7 @@ async def test_no_answer_in_time_raises_deadline_exceeded(
             with pytest.raises(DeadlineExceeded, match=r"did not answer lease 'late' within 0\.5s"):
                 await session.lease(request, max_wait_s=20, timeout_s=0.5)
             assert 0.4 < time.monotonic() - started < 2
-            assert await _waiting(mesh, 1)  # the broker still waits for it
+            assert mesh.waiters == 1  # the broker still waits for it
             await mesh.release(held)
             # the late grant goes to no one: the client gives it back at once
             await mesh.wait_state(phone.address, AVAILABLE)
@@ -160,7 +149,7 @@ async def test_a_stopped_broker_fails_what_is_pending_and_a_new_one_serves(
             await mesh.wait_available([phone.address])
             held = (await mesh.lease()).lease
             waiting = asyncio.create_task(session.lease(request, max_wait_s=30, timeout_s=40))
-            await eventually(lambda: _waiting(mesh, 1), what="the lease waiting")
+            await mesh.wait_waiters(1)
         with pytest.raises(Unavailable, match="lease session"):
             await asyncio.wait_for(waiting, 10)
         async with broker_mesh(server=server, cleanup_profiles=NO_CLEANUP) as mesh:
@@ -176,7 +165,7 @@ async def test_a_stopped_broker_fails_what_is_pending_and_a_new_one_serves(
                         raise
                     await asyncio.sleep(0.2)
             assert granted.serial == phone.address and granted.token == held.token + 1
-            await session.release(release("r1", granted), timeout_s=10)
+            await session.release(release_request(granted, request_id="r1"), timeout_s=10)
             await session.close()
         with pytest.raises(Unavailable, match="closed"):
             await session.lease(lease_request(), timeout_s=1)
@@ -191,11 +180,11 @@ async def test_close_fails_what_is_pending(broker_mesh: MeshFactory, phones: Pho
         waiting = asyncio.create_task(
             session.lease(lease_request(request_id="w"), max_wait_s=30, timeout_s=40)
         )
-        await eventually(lambda: _waiting(mesh, 1), what="the lease waiting")
+        await mesh.wait_waiters(1)
         await session.close(grace_s=0.2)
         with pytest.raises(Unavailable, match="closed"):
             await waiting
         # the stream is cancelled: the broker abandons the waiting lease
-        await eventually(lambda: _waiting(mesh, 0), what="the waiting lease abandoned")
+        await mesh.wait_waiters(0)
         await mesh.release(held)
         await mesh.wait_state(phone.address, AVAILABLE)

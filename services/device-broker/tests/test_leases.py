@@ -17,7 +17,7 @@ from stepline.common import adb
 from stepline.phone import build_apk
 from stepline.phone.testing import PhoneFactory
 
-from .conftest import AVAILABLE, LEASED, MeshFactory, eventually, lease_request
+from .conftest import AVAILABLE, LEASED, MeshFactory, lease_request
 
 
 async def test_two_holders_never_hold_one_phone(
@@ -187,12 +187,11 @@ async def test_waiters_are_served_in_arrival_order(
     async with broker_mesh(cleanup_profiles={"default": "none"}) as mesh:
         await mesh.wait_available([phone.address])
         held = (await mesh.lease()).lease
-        waiters = mesh.running.broker._waiters
         calls = []
         for n in range(4):
             calls.append(asyncio.ensure_future(mesh.lease(executor=f"e{n}", timeout_s=20)))
             # this call is queued before the next one starts
-            await eventually(lambda n=n: _queued(waiters, n + 1), what=f"{n + 1} waiters")
+            await mesh.wait_waiters(n + 1)
         order = []
         for call in calls:
             await mesh.release(held)
@@ -212,20 +211,15 @@ async def test_a_waiter_the_freed_phone_cannot_serve_does_not_block_others(
         await mesh.wait_available([a, b])
         on_a = (await mesh.lease(labels={"site": "a"})).lease
         on_b = (await mesh.lease(labels={"site": "b"})).lease
-        waiters = mesh.running.broker._waiters
         wants_a = asyncio.ensure_future(mesh.lease(labels={"site": "a"}, timeout_s=20))
-        await eventually(lambda: _queued(waiters, 1), what="the first waiter")
+        await mesh.wait_waiters(1)
         wants_any = asyncio.ensure_future(mesh.lease(timeout_s=20))
-        await eventually(lambda: _queued(waiters, 2), what="the second waiter")
+        await mesh.wait_waiters(2)
         await mesh.release(on_b)
         assert (await asyncio.wait_for(wants_any, 10)).lease.serial == b
         assert not wants_a.done()
         await mesh.release(on_a)
         assert (await asyncio.wait_for(wants_a, 10)).lease.serial == a
-
-
-async def _queued(waiters: object, n: int) -> bool:
-    return len(waiters) >= n  # type: ignore[arg-type]
 
 
 async def test_nothing_can_match_fails_at_once(

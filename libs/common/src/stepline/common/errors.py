@@ -1,15 +1,19 @@
 """One error root for Stepline, each class carrying a stable code and gRPC status.
 
 Services raise these; :class:`stepline.common.auth.AuthInterceptor` turns them
-into gRPC status codes at the edge. Anything else that escapes a handler becomes
+into gRPC status codes at the edge (and a LeaseSession stream into its error
+answers) with :func:`status_of`. Anything else that escapes a handler becomes
 ``INTERNAL`` with a generic message, so internals and secrets never reach clients.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import grpc
+
+log = logging.getLogger(__name__)
 
 
 class SteplineError(Exception):
@@ -140,3 +144,16 @@ def from_status_number(code: int, message: str) -> SteplineError:
 def status_number(error: SteplineError) -> int:
     """The number (google.rpc.Code) of ``error``'s gRPC status."""
     return int(error.status.value[0])
+
+
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status and message that ``exc``, raised while handling a call,
+    answers the client with. A Stepline error keeps its own; anything
+    unexpected is logged here and reaches the client only as a generic
+    INTERNAL, never with its details."""
+    if isinstance(exc, SteplineError):
+        return exc.status, exc.message
+    if isinstance(exc, NotImplementedError):
+        return grpc.StatusCode.UNIMPLEMENTED, "this method is not implemented yet"
+    log.error("unexpected error in RPC handler", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error; see the service log"

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
-from stepline.common.errors import SteplineError
-
-log = logging.getLogger(__name__)
+from stepline.common.errors import status_of
 
 Before = Callable[[], None]
 
@@ -79,16 +76,9 @@ def _wrap_stream(behavior: Any, before: Before | None) -> Any:
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
-    """Abort the call with the status that ``exc`` stands for.
-
-    Stepline errors keep their message; anything unexpected is logged here and
-    reaches the client only as a generic INTERNAL, never with its details.
-    """
+    """Abort the call with the status that ``exc`` stands for (:func:`status_of`:
+    Stepline errors keep their message; anything unexpected is logged and
+    reaches the client only as a generic INTERNAL)."""
     if isinstance(exc, grpc.aio.AbortError | asyncio.CancelledError):
         raise exc
-    if isinstance(exc, SteplineError):
-        await context.abort(exc.status, exc.message)
-    if isinstance(exc, NotImplementedError):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this method is not implemented yet")
-    log.exception("unexpected error in RPC handler")
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+    await context.abort(*status_of(exc))

@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 Call = grpc.aio.StreamStreamCall[pb.LeaseSessionRequest, pb.LeaseSessionResponse]
 #: a stream is replaced when a new request could outlive it by less than this
 DEADLINE_MARGIN_S = 5.0
+#: how long after a lease's ``max_wait_s`` its answer may take to come: give
+#: :meth:`LeaseSession.lease` ``timeout_s=max_wait_s + ANSWER_MARGIN_S`` to get
+#: the broker's own answer (DEADLINE_EXCEEDED, with its explanation)
+ANSWER_MARGIN_S = 5.0
 #: statuses that end a stream for a reason a new stream would not cure: the
 #: caller's own error, not :class:`Unavailable`
 _FINAL = frozenset(
@@ -158,8 +162,9 @@ class LeaseSession:
         self, request: pb.LeaseRequest, *, max_wait_s: float | None = None, timeout_s: float
     ) -> pb.LeaseResponse:
         """Lease a device: the broker waits up to ``max_wait_s`` (None: its
-        maximum) for one to become free, then answers DEADLINE_EXCEEDED. Give a
-        ``timeout_s`` longer than ``max_wait_s`` to get the broker's answer."""
+        maximum; 0: not at all) for one to become free, then answers
+        DEADLINE_EXCEEDED. Give a ``timeout_s`` of ``max_wait_s +``
+        :data:`ANSWER_MARGIN_S` to get the broker's answer."""
         message = pb.LeaseSessionRequest(lease=request)
         if max_wait_s is not None:
             message.max_wait.FromNanoseconds(int(max(max_wait_s, 0.0) * 1e9))
@@ -287,10 +292,10 @@ class LeaseSession:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # each reader, ending, has failed what was pending on its stream and
+        # forgotten the stream
         for stream in streams:
-            stream.end(_ended("the lease session was closed"))
             stream.call.cancel()
-        self._streams.clear()
 
 
 def _ignore_outcome(future: asyncio.Future[pb.LeaseSessionResponse]) -> None:

@@ -56,7 +56,7 @@ from stepline.device_broker.model import (
     Waiter,
     state_name,
 )
-from stepline.device_broker.store import GrantArgs, Granted, Row, Store
+from stepline.device_broker.store import Granted, Row, Store
 
 log = logging.getLogger(__name__)
 
@@ -251,22 +251,38 @@ class Broker:
         if not (entry.state == AVAILABLE and entry.online and entry.healthy):
             self._free.pop(serial, None)
             return
-        if entry.health_age_s(time.time()) >= self.settings.health_freshness_s:
-            self._free.setdefault(serial, entry)  # the health checker refreshes it
+        waiter = self._next_holder(entry)
+        if waiter is not None:
+            del self._waiters[waiter]
+            self._free.pop(serial, None)
+            entry.reserved = True
+            waiter.future.set_result(entry)
             return
+        if self._fresh(entry):
+            self._free.pop(serial, None)  # to the end: least recently freed first
+        # (a health check too old for a grant: it keeps its place until the
+        # health checker refreshes it)
+        self._free.setdefault(serial, entry)
+
+    def _fresh(self, entry: Entry) -> bool:
+        """Whether ``entry``'s last health check is young enough for a grant."""
+        return entry.health_age_s(time.time()) < self.settings.health_freshness_s
+
+    def _next_holder(self, entry: Entry) -> Waiter | None:
+        """The first waiting Lease call that ``entry`` can serve, if it is online
+        and its health allows a grant now. Its state is the caller's business: an
+        AVAILABLE device (:meth:`_offer`), or a leased one about to be released
+        without cleanup (:meth:`release`)."""
+        if not (entry.online and entry.healthy and self._fresh(entry)):
+            return None
         for waiter in self._waiters:
             if (
                 waiter.selector.matches(entry)
                 and not waiter.future.done()
                 and not waiter.handing_over
             ):
-                del self._waiters[waiter]
-                self._free.pop(serial, None)
-                entry.reserved = True
-                waiter.future.set_result(entry)
-                return
-        self._free.pop(serial, None)
-        self._free[serial] = entry
+                return waiter
+        return None
 
     def _take(self, selector: Selector) -> Entry | None:
         now = time.time()
@@ -387,26 +403,14 @@ class Broker:
             )
         return pb.LeaseResponse(lease=live.to_proto(), device=self.entries[live.serial].to_proto())
 
-    @staticmethod
-    def _grant_args(ask: Ask) -> GrantArgs:
-        holder = ask.request.holder
-        return GrantArgs(
-            lease_id=str(uuid.uuid4()),
-            request_id=ask.request.request_id,
-            fingerprint=ask.fingerprint,
-            holder=(holder.executor_id, holder.run_id, holder.task_id, holder.chunk_id),
-            account=ask.selector.account,
-            ttl_s=ask.ttl_s,
-        )
-
     async def _grant(self, entry: Entry, ask: Ask) -> pb.LeaseResponse | None:
-        args = self._grant_args(ask)
+        lease_id = str(uuid.uuid4())
         try:
-            granted = await self.store.grant(entry.serial, args)
+            granted = await self.store.grant(entry.serial, lease_id, ask)
         except asyncpg.UniqueViolationError as exc:
             self._unreserve(entry)
             if exc.constraint_name == "leases_request_id_key":
-                return await self._replay_ended(args.request_id, args.fingerprint)
+                return await self._replay_ended(ask.request.request_id, ask.fingerprint)
             raise
         except BaseException:
             self._unreserve(entry)
@@ -419,20 +423,18 @@ class Broker:
                 self.apply_row(entry, row)
             self._offer(entry)
             return None
-        return self._leased(entry, ask, args, granted)
+        return self._leased(entry, ask, lease_id, granted)
 
-    def _leased(
-        self, entry: Entry, ask: Ask, args: GrantArgs, granted: Granted
-    ) -> pb.LeaseResponse:
+    def _leased(self, entry: Entry, ask: Ask, lease_id: str, granted: Granted) -> pb.LeaseResponse:
         """A committed grant into the view; its event; the Lease call's answer."""
         live = LiveLease(
-            lease_id=args.lease_id,
-            request_id=args.request_id,
-            fingerprint=args.fingerprint,
+            lease_id=lease_id,
+            request_id=ask.request.request_id,
+            fingerprint=ask.fingerprint,
             serial=entry.serial,
             token=granted.token,
             holder=ask.request.holder,
-            account=args.account,
+            account=ask.selector.account,
             grant_time=granted.grant_time,
             expire_time=granted.expire_time,
         )
@@ -554,23 +556,6 @@ class Broker:
             actor=proto_principal(actor),
         )
 
-    def _next_holder(self, entry: Entry) -> Waiter | None:
-        """The first waiting Lease call that ``entry`` could serve once released
-        without cleanup, if its health allows a grant now."""
-        if (
-            not (entry.online and entry.healthy)
-            or entry.health_age_s(time.time()) >= self.settings.health_freshness_s
-        ):
-            return None
-        for waiter in self._waiters:
-            if (
-                waiter.selector.matches(entry)
-                and not waiter.future.done()
-                and not waiter.handing_over
-            ):
-                return waiter
-        return None
-
     async def _hand_over(
         self,
         entry: Entry,
@@ -583,7 +568,7 @@ class Broker:
         ``handing_over`` by the caller) in one statement. If that statement
         changes nothing or fails, the release goes the usual way and the waiter
         stays in line (a failed grant is then its own)."""
-        args = self._grant_args(waiter.ask)
+        lease_id = str(uuid.uuid4())
         try:
             granted = await self.store.hand_over(
                 lease_id=live.lease_id,
@@ -591,7 +576,8 @@ class Broker:
                 outcome=request.outcome,
                 message=request.message,
                 request_id=request.request_id,
-                grant=args,
+                next_lease_id=lease_id,
+                ask=waiter.ask,
             )
         except Exception as exc:
             log.info("handing device %s over failed (%s); releasing it", entry.serial, exc)
@@ -606,13 +592,13 @@ class Broker:
         self._waiters.pop(waiter, None)
         self._forget_lease(live)  # _leased puts the new one in its place
         self._released(live, request, actor)
-        answer = self._leased(entry, waiter.ask, args, granted)
+        answer = self._leased(entry, waiter.ask, lease_id, granted)
         if not waiter.future.done():
             waiter.future.set_result(answer)
         else:
             log.warning(
                 "lease %s of device %s went to a Lease call that has gone; it lapses after its TTL",
-                args.lease_id,
+                lease_id,
                 entry.serial,
             )
         device = entry.to_proto()

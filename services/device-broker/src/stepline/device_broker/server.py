@@ -24,16 +24,15 @@ from typing import Any
 
 import asyncpg
 import grpc
-from google.protobuf.duration_pb2 import Duration
 
 from stepline.api.device_broker.v1 import device_broker_pb2 as pb
 from stepline.api.device_broker.v1 import device_broker_pb2_grpc
 from stepline.common import adb, jetstream
 from stepline.common.auth import Principal, current_principal, require_role
 from stepline.common.db import create_pool, load_migrations
-from stepline.common.errors import InvalidArgument, SteplineError, status_number
+from stepline.common.errors import InvalidArgument, status_of
 from stepline.common.server import GrpcHost, serving, wait_until_stopped
-from stepline.device_broker.broker import Broker
+from stepline.device_broker.broker import Broker, seconds
 from stepline.device_broker.config import DeviceBrokerSettings
 from stepline.device_broker.events import DeviceEvents
 from stepline.device_broker.phones import Phones
@@ -128,41 +127,38 @@ class DeviceBrokerServicer(device_broker_pb2_grpc.DeviceBrokerServiceServicer):
         self, request: pb.LeaseSessionRequest, actor: Principal, deadline: float | None
     ) -> pb.LeaseSessionResponse:
         """The answer to one request of a LeaseSession: its own RPC's response, or
-        the error that RPC would have returned."""
+        the error that RPC would have returned (the same status as the unary
+        call's: :func:`status_of`)."""
         kind = request.WhichOneof("request")
         answer = pb.LeaseSessionResponse()
         try:
             if kind is None:
                 raise InvalidArgument("a LeaseSessionRequest needs one of lease, renew or release")
             answer.request_id = getattr(request, kind).request_id
-            wait_s = self._session_wait_s(request.max_wait, deadline)
             if kind == "lease":
+                wait_s = self._session_wait_s(request, deadline)
                 response = await self.broker.lease(request.lease, wait_s=wait_s, actor=actor)
                 answer.lease.CopyFrom(response)
             elif kind == "renew":
                 answer.renew.CopyFrom(await self.broker.renew(request.renew))
             else:
                 answer.release.CopyFrom(await self.broker.release(request.release, actor))
-        except SteplineError as exc:
-            answer.error.code = status_number(exc)
-            answer.error.message = exc.message
-        except Exception:  # this request's failure only: the stream goes on
-            log.exception("unexpected error answering a LeaseSession request")
-            answer.error.code = status_number(SteplineError("internal"))
-            answer.error.message = "internal error; see the service log"
+        except Exception as exc:  # this request's failure only: the stream goes on
+            status, message = status_of(exc)
+            answer.error.code = status.value[0]
+            answer.error.message = message
         return answer
 
-    def _session_wait_s(self, max_wait: Duration, deadline: float | None) -> float:
-        """How long a Lease on a session may wait: ``max_wait`` (unset or zero: the
-        broker's maximum), at most the broker's maximum, never past the stream's
-        deadline."""
-        if max_wait.seconds < 0 or max_wait.nanos < 0:
-            raise InvalidArgument(
-                f"max_wait must not be negative, got {max_wait.seconds + max_wait.nanos / 1e9}s"
-            )
+    def _session_wait_s(self, request: pb.LeaseSessionRequest, deadline: float | None) -> float:
+        """How long a Lease on a session may wait: its ``max_wait`` (unset: the
+        broker's maximum; zero: not at all), at most the broker's maximum, never
+        past the stream's deadline."""
         wait_s = self.broker.settings.max_wait_s
-        if max_wait.seconds or max_wait.nanos:
-            wait_s = min(wait_s, max_wait.seconds + max_wait.nanos / 1e9)
+        if request.HasField("max_wait"):
+            max_wait = request.max_wait
+            if max_wait.seconds < 0 or max_wait.nanos < 0:
+                raise InvalidArgument(f"max_wait must not be negative, got {seconds(max_wait)}s")
+            wait_s = min(wait_s, seconds(max_wait))
         if deadline is not None:
             wait_s = min(wait_s, max(0.0, deadline - time.monotonic()))
         return wait_s

@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 
 from stepline.common.errors import Aborted
 from stepline.common.requests import fingerprint
-from stepline.device_broker.model import AVAILABLE, CLEANING, LEASED, OFFLINE, QUARANTINED
+from stepline.device_broker.model import AVAILABLE, CLEANING, LEASED, OFFLINE, QUARANTINED, Ask
 
 M = TypeVar("M", bound=Message)
 Row: TypeAlias = Mapping[str, Any]
@@ -39,19 +39,68 @@ SELECT d.*,
 
 _BUMP = "version = version + 1, update_time = clock_timestamp()"
 
-_GRANT = f"""
-WITH d AS (
-    UPDATE devices
-       SET state = {LEASED}, last_token = last_token + 1, lease_id = $1, {_BUMP}
-     WHERE serial = $2 AND state = {AVAILABLE} AND bound_account = $9
- RETURNING serial, last_token, version
-), l AS (
+# A grant's parameters, in this order (see _grant_params), numbered from $n in
+# the statements that grant: the device passes to the new lease with its next
+# token (_lease_device) and the lease row is inserted (_new_lease).
+_GRANT_PARAMS = (
+    "lease_id",
+    "request_id",
+    "fingerprint",
+    "executor_id",
+    "run_id",
+    "task_id",
+    "chunk_id",
+    "account",
+    "ttl_s",
+)
+
+
+def _numbered(first: int) -> dict[str, str]:
+    return {name: f"${first + i}" for i, name in enumerate(_GRANT_PARAMS)}
+
+
+def _lease_device(first: int) -> str:
+    """SET items of the device row: LEASED to the new lease, with its next token."""
+    p = _numbered(first)
+    return f"state = {LEASED}, last_token = last_token + 1, lease_id = {p['lease_id']}, {_BUMP}"
+
+
+def _new_lease(first: int) -> str:
+    """The new lease row, from the device updated in the CTE ``d``."""
+    p = _numbered(first)
+    return f"""
     INSERT INTO leases (lease_id, request_id, fingerprint, serial, token, executor_id, run_id,
                         task_id, chunk_id, account, grant_time, expire_time)
-    SELECT $1, $3, $4, d.serial, d.last_token, $5, $6, $7, $8, $9, clock_timestamp(),
-           clock_timestamp() + make_interval(secs => $10)
+    SELECT {p["lease_id"]}, {p["request_id"]}, {p["fingerprint"]}, d.serial, d.last_token,
+           {p["executor_id"]}, {p["run_id"]}, {p["task_id"]}, {p["chunk_id"]}, {p["account"]},
+           clock_timestamp(), clock_timestamp() + make_interval(secs => {p["ttl_s"]})
       FROM d
- RETURNING token, grant_time, expire_time
+ RETURNING token, grant_time, expire_time"""
+
+
+def _grant_params(lease_id: str, ask: Ask) -> tuple[object, ...]:
+    """What a grant of ``ask`` as lease ``lease_id`` writes, in _GRANT_PARAMS order."""
+    holder = ask.request.holder
+    return (
+        lease_id,
+        ask.request.request_id,
+        ask.fingerprint,
+        holder.executor_id,
+        holder.run_id,
+        holder.task_id,
+        holder.chunk_id,
+        ask.selector.account,
+        ask.ttl_s,
+    )
+
+
+# The grant's parameters from $1, then the serial ($10).
+_GRANT = f"""
+WITH d AS (
+    UPDATE devices SET {_lease_device(1)}
+     WHERE serial = $10 AND state = {AVAILABLE} AND bound_account = {_numbered(1)["account"]}
+ RETURNING serial, last_token, version
+), l AS ({_new_lease(1)}
 )
 SELECT l.token, l.grant_time, l.expire_time, d.version FROM l, d
 """
@@ -62,13 +111,19 @@ UPDATE leases SET expire_time = clock_timestamp() + make_interval(secs => $3)
 RETURNING *
 """
 
+# A release's parameters: lease_id ($1), token, outcome, message, request_id ($5).
+_RELEASED = (
+    "end_time = clock_timestamp(), end_reason = 'released', outcome = $3, message = $4,"
+    " release_request_id = $5"
+)
+_LIVE = "lease_id = $1 AND token = $2 AND end_time IS NULL"
+
 _RELEASE = f"""
 WITH l AS (
     UPDATE leases
-       SET end_time = clock_timestamp(), end_reason = 'released', outcome = $3, message = $4,
-           release_request_id = $5,
+       SET {_RELEASED},
            cleanup_result = CASE WHEN $6::smallint = {CLEANING} THEN NULL ELSE 'skipped' END
-     WHERE lease_id = $1 AND token = $2 AND end_time IS NULL
+     WHERE {_LIVE}
  RETURNING lease_id, serial
 )
 UPDATE devices d
@@ -82,30 +137,23 @@ RETURNING d.serial, d.state, d.version
 # A release whose device goes at once to the next waiting Lease: the lease ends
 # and the device, still LEASED, passes to a new lease with the next token, in
 # one statement (a release then a grant, without the AVAILABLE in between). The
-# old lease ends only if the device serves the new lease's account.
+# old lease ends only if the device serves the new lease's account. The
+# release's parameters, then the grant's from $6.
 _HAND_OVER = f"""
 WITH l AS (
     UPDATE leases
-       SET end_time = clock_timestamp(), end_reason = 'released', outcome = $3, message = $4,
-           release_request_id = $5, cleanup_result = 'skipped'
-     WHERE lease_id = $1 AND token = $2 AND end_time IS NULL
+       SET {_RELEASED}, cleanup_result = 'skipped'
+     WHERE {_LIVE}
        AND EXISTS (SELECT 1 FROM devices
-                    WHERE serial = leases.serial AND lease_id = $1 AND bound_account = $13)
+                    WHERE serial = leases.serial AND lease_id = $1
+                      AND bound_account = {_numbered(6)["account"]})
  RETURNING serial
 ), d AS (
-    UPDATE devices d
-       SET state = {LEASED}, last_token = d.last_token + 1, lease_id = $6, cleaning_reason = '',
-           cleaning_lease_id = NULL, {_BUMP}
+    UPDATE devices d SET {_lease_device(6)}, cleaning_reason = '', cleaning_lease_id = NULL
       FROM l
      WHERE d.serial = l.serial
  RETURNING d.serial, d.last_token, d.version
-), n AS (
-    INSERT INTO leases (lease_id, request_id, fingerprint, serial, token, executor_id, run_id,
-                        task_id, chunk_id, account, grant_time, expire_time)
-    SELECT $6, $7, $8, d.serial, d.last_token, $9, $10, $11, $12, $13, clock_timestamp(),
-           clock_timestamp() + make_interval(secs => $14)
-      FROM d
- RETURNING token, grant_time, expire_time
+), n AS ({_new_lease(6)}
 )
 SELECT n.token, n.grant_time, n.expire_time, d.version FROM n, d
 """
@@ -131,18 +179,6 @@ class Granted:
     grant_time: datetime
     expire_time: datetime
     version: int
-
-
-@dataclass(frozen=True)
-class GrantArgs:
-    """What a grant writes into the new lease row."""
-
-    lease_id: str
-    request_id: str
-    fingerprint: str
-    holder: tuple[str, str, str, str]  # executor_id, run_id, task_id, chunk_id
-    account: str
-    ttl_s: float
 
 
 @dataclass(frozen=True)
@@ -271,20 +307,11 @@ class Store:
 
     # --- leases ----------------------------------------------------------------------
 
-    async def grant(self, serial: str, grant: GrantArgs) -> Granted | None:
+    async def grant(self, serial: str, lease_id: str, ask: Ask) -> Granted | None:
         """One statement: the device AVAILABLE -> LEASED with the next token, and the
-        lease row. None if the device was not AVAILABLE (for that account).
-        Raises asyncpg.UniqueViolationError if request_id was used before."""
-        row = await self.hot.fetchrow(
-            _GRANT,
-            grant.lease_id,
-            serial,
-            grant.request_id,
-            grant.fingerprint,
-            *grant.holder,
-            grant.account,
-            grant.ttl_s,
-        )
+        lease row ``lease_id`` for ``ask``. None if the device was not AVAILABLE (for
+        that account). Raises asyncpg.UniqueViolationError if request_id was used before."""
+        row = await self.hot.fetchrow(_GRANT, *_grant_params(lease_id, ask), serial)
         if row is None:
             return None
         return Granted(row["token"], row["grant_time"], row["expire_time"], row["version"])
@@ -338,12 +365,13 @@ class Store:
         outcome: int,
         message: str,
         request_id: str,
-        grant: GrantArgs,
+        next_lease_id: str,
+        ask: Ask,
     ) -> Granted | None:
         """One statement, committed synchronously: the lease ends (released) and its
-        device passes to a new lease (``grant``) with the next token. None if the
-        lease was not live with that token (nothing changed). Raises
-        asyncpg.UniqueViolationError if the grant's request_id was used before."""
+        device passes to a new lease ``next_lease_id`` for ``ask`` with the next
+        token. None if the lease was not live with that token (nothing changed).
+        Raises asyncpg.UniqueViolationError if the grant's request_id was used before."""
         row = await self.hot.fetchrow(
             _HAND_OVER,
             lease_id,
@@ -351,12 +379,7 @@ class Store:
             outcome,
             message,
             request_id,
-            grant.lease_id,
-            grant.request_id,
-            grant.fingerprint,
-            *grant.holder,
-            grant.account,
-            grant.ttl_s,
+            *_grant_params(next_lease_id, ask),
         )
         if row is None:
             return None

@@ -47,7 +47,7 @@ from stepline.common.errors import (
     SteplineError,
     Unavailable,
 )
-from stepline.common.lease_session import LeaseSession
+from stepline.common.lease_session import ANSWER_MARGIN_S, LeaseSession
 from stepline.executor.ledger import Fence, duration
 from stepline.executor.verbs.base import VerbContext, VerbError
 from stepline.executor.verbs.templating import render
@@ -64,8 +64,6 @@ RO = dpb.ReleaseOutcome
 ARTIFACTS = "artifacts"
 #: retries of a broker call that failed with UNAVAILABLE
 _RETRIES = 4
-#: how long after a lease's max_wait its answer may come before it is given up
-_ANSWER_GRACE_S = 5.0
 #: texts of adb server errors that mean the device itself is gone
 _GONE = ("not found", "offline", "unauthorized", "closed", "no devices")
 
@@ -126,7 +124,7 @@ class DeviceBroker:
         """One try of a lease: the broker waits up to ``timeout_s`` for a device,
         then answers DEADLINE_EXCEEDED itself."""
         return await self.session.lease(
-            request, max_wait_s=timeout_s, timeout_s=timeout_s + _ANSWER_GRACE_S
+            request, max_wait_s=timeout_s, timeout_s=timeout_s + ANSWER_MARGIN_S
         )
 
     async def lease(

@@ -22,14 +22,16 @@ Fixtures (all session-scoped):
     decisions posted to the webhook, ``demo`` is free for subscriptions.
 ``phone_addresses`` -> ``list[str]``
     ``["127.0.0.1:P1", "127.0.0.1:P2"]``: the phones the broker connects.
+
+and (per test) ``api`` -> the test module's ``Api``, a :class:`MeshApi`.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,12 +45,16 @@ from stepline.api.ledger.v1 import ledger_pb2_grpc
 from stepline.api.scheduler.v1 import scheduler_service_pb2 as spb
 from stepline.api.scheduler.v1 import scheduler_service_pb2_grpc, workflow_service_pb2_grpc
 from stepline.cli import mesh
-from stepline.common import embedded
-from stepline.common.client import check_health
+from stepline.common import embedded, testing
+from stepline.common.client import check_health, open_channel
+from stepline.common.config import ClientSettings
 from stepline.common.states import RUN_TERMINAL
 
 EXECUTORS = 2
 PHONES = 2
+#: how long an end-to-end test waits on the mesh: each call's deadline and each
+#: polled condition (``MeshApi.wait_s``, which a module's ``Api`` may raise)
+WAIT_S = 30.0
 
 #: settings for every service of the test mesh (defaults: 30 s lease and ack
 #: wait, a reconcile pass every 10 s, a 30 s grace before a redispatch)
@@ -147,28 +153,43 @@ async def restart_executor(
     )
     state.components[state.components.index(record)] = fresh
     state.save()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    while not await check_health(fresh.endpoint, timeout_s=1.0):
-        assert loop.time() < deadline, f"executor {record.name} did not come back"
-        await asyncio.sleep(0.2)
+    await testing.eventually(
+        lambda: check_health(fresh.endpoint, timeout_s=1.0),
+        what=f"executor {record.name} to come back",
+        timeout_s=60,
+        poll_s=0.2,
+    )
 
 
 # --- what the end-to-end tests share: the admin's view of runs ------------------
 
 
+#: ``channel(service, principal="admin")``: a channel to a service of the mesh
+#: whose calls carry the principal's token
+Connect = Callable[..., grpc.aio.Channel]
+
+
 @dataclass
 class MeshApi:
     """The scheduler and the ledger as the mesh's admin calls them; each
-    end-to-end module adds its own calls in a subclass."""
+    end-to-end module adds its own calls, and stubs (:meth:`stubs`), in a
+    subclass named ``Api`` (the ``api`` fixture makes it)."""
 
     state: mesh.MeshState
     workflows: workflow_service_pb2_grpc.WorkflowServiceAsyncStub
     runs: scheduler_service_pb2_grpc.SchedulerServiceAsyncStub
     ledger: ledger_pb2_grpc.LedgerServiceAsyncStub
 
-    wait_s: ClassVar[float] = 30.0
+    wait_s: ClassVar[float] = WAIT_S
     poll_s: ClassVar[float] = 0.05
+
+    @classmethod
+    def stubs(cls, channel: Connect) -> dict[str, Any]:
+        """A subclass's own fields by name: its stubs, on ``channel``."""
+        return {}
+
+    async def ready(self) -> None:
+        """Before a test: wait until the mesh is as the module's tests expect."""
 
     async def get(self, run_id: str) -> run_pb2.WorkflowRun:
         response = await self.runs.GetRun(
@@ -176,18 +197,12 @@ class MeshApi:
         )
         return response.run
 
-    async def eventually(self, what: str | Callable[[], str], check: Callable[[], Any]) -> Any:
+    async def eventually(
+        self, what: str | Callable[[], str], check: Callable[[], Awaitable[Any]]
+    ) -> Any:
         """Poll the async ``check`` until it returns something true (failing
         after ``wait_s`` with ``what``)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait_s
-        while True:
-            value = await check()
-            if value:
-                return value
-            if loop.time() > deadline:
-                pytest.fail(f"timed out waiting for {what() if callable(what) else what}")
-            await asyncio.sleep(self.poll_s)
+        return await testing.eventually(check, what=what, timeout_s=self.wait_s, poll_s=self.poll_s)
 
     async def until(
         self, run_id: str, condition: Callable[[run_pb2.WorkflowRun], bool], what: str
@@ -216,6 +231,33 @@ class MeshApi:
         run = await self.get(run_id)
         assert run.state in RUN_TERMINAL, run
         return run
+
+
+@pytest.fixture
+async def api(request: pytest.FixtureRequest, mesh_state: mesh.MeshState) -> AsyncIterator[MeshApi]:
+    """The test module's ``Api`` (:class:`MeshApi` where it has none), ready, on
+    channels of its own (deadlines of ``wait_s``) that close after the test."""
+    cls: type[MeshApi] = getattr(request.module, "Api", MeshApi)
+    settings = ClientSettings(default_timeout_s=cls.wait_s)
+    async with contextlib.AsyncExitStack() as stack:
+
+        def channel(service: str, principal: str = "admin") -> grpc.aio.Channel:
+            opened = open_channel(
+                mesh_state.endpoint(service), settings=settings, token=mesh_state.tokens[principal]
+            )
+            stack.push_async_callback(opened.close)
+            return opened
+
+        scheduler = channel("scheduler")
+        api = cls(
+            state=mesh_state,
+            workflows=workflow_service_pb2_grpc.WorkflowServiceStub(scheduler),
+            runs=scheduler_service_pb2_grpc.SchedulerServiceStub(scheduler),
+            ledger=ledger_pb2_grpc.LedgerServiceStub(channel("ledger")),
+            **cls.stubs(channel),
+        )
+        await api.ready()
+        yield api
 
 
 def task(run: run_pb2.WorkflowRun, path: str) -> run_pb2.TaskRun:

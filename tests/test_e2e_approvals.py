@@ -16,10 +16,10 @@ from __future__ import annotations
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -29,23 +29,18 @@ from google.protobuf import struct_pb2
 from stepline.api.approvals.v1 import approvals_pb2 as apb
 from stepline.api.approvals.v1 import approvals_pb2_grpc
 from stepline.api.common.v1 import common_pb2, run_pb2
-from stepline.api.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from stepline.api.ledger.v1 import ledger_pb2
 from stepline.api.scheduler.v1 import scheduler_service_pb2 as spb
-from stepline.api.scheduler.v1 import scheduler_service_pb2_grpc, workflow_service_pb2_grpc
 from stepline.api.scheduler.v1 import workflow_service_pb2 as wpb
-from stepline.cli import mesh
-from stepline.common.client import open_channel
-from stepline.common.config import ClientSettings
 from stepline.common.states import RUN_TERMINAL
 
-from .conftest import MeshApi, executor_record, outputs, restart_executor, task
+from .conftest import Connect, MeshApi, executor_record, outputs, restart_executor, task
 
 R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
 F = common_pb2.FailureReason
 A = apb.ApprovalState
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "approval.yaml"
-WAIT_S = 30.0
 
 
 @dataclass
@@ -54,6 +49,13 @@ class Api(MeshApi):
 
     approvals: approvals_pb2_grpc.ApprovalsServiceAsyncStub  # as admin
     approver: approvals_pb2_grpc.ApprovalsServiceAsyncStub  # as the `approver` principal
+
+    @classmethod
+    def stubs(cls, channel: Connect) -> dict[str, Any]:
+        return {
+            "approvals": approvals_pb2_grpc.ApprovalsServiceStub(channel("approvals")),
+            "approver": approvals_pb2_grpc.ApprovalsServiceStub(channel("approvals", "approver")),
+        }
 
     async def register(self, name: str = "approval") -> None:
         """examples/approval.yaml, under ``name``."""
@@ -100,28 +102,6 @@ class Api(MeshApi):
     async def history(self, run_id: str) -> list[run_pb2.RunEvent]:
         response = await self.ledger.GetRunHistory(ledger_pb2.GetRunHistoryRequest(run_id=run_id))
         return list(response.events)
-
-
-@pytest.fixture
-async def api(mesh_state: mesh.MeshState, mesh_tokens: dict[str, str]) -> AsyncIterator[Api]:
-    settings = ClientSettings(default_timeout_s=WAIT_S)
-    admin = mesh_tokens["admin"]
-    async with (
-        open_channel(mesh_state.endpoint("scheduler"), settings=settings, token=admin) as sched,
-        open_channel(mesh_state.endpoint("ledger"), settings=settings, token=admin) as ledger,
-        open_channel(mesh_state.endpoint("approvals"), settings=settings, token=admin) as appr,
-        open_channel(
-            mesh_state.endpoint("approvals"), settings=settings, token=mesh_tokens["approver"]
-        ) as approver,
-    ):
-        yield Api(
-            state=mesh_state,
-            workflows=workflow_service_pb2_grpc.WorkflowServiceStub(sched),
-            runs=scheduler_service_pb2_grpc.SchedulerServiceStub(sched),
-            ledger=ledger_pb2_grpc.LedgerServiceStub(ledger),
-            approvals=approvals_pb2_grpc.ApprovalsServiceStub(appr),
-            approver=approvals_pb2_grpc.ApprovalsServiceStub(approver),
-        )
 
 
 def run_moves(events: list[run_pb2.RunEvent]) -> list[str]:

@@ -20,28 +20,22 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import psutil
-import pytest
 from google.protobuf import struct_pb2
 
 from stepline.api.common.v1 import common_pb2
 from stepline.api.device_broker.v1 import device_broker_pb2 as dpb
 from stepline.api.device_broker.v1 import device_broker_pb2_grpc
-from stepline.api.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from stepline.api.ledger.v1 import ledger_pb2
 from stepline.api.scheduler.v1 import scheduler_service_pb2 as spb
-from stepline.api.scheduler.v1 import scheduler_service_pb2_grpc, workflow_service_pb2_grpc
 from stepline.api.scheduler.v1 import workflow_service_pb2 as wpb
-from stepline.cli import mesh
 from stepline.common import adb
-from stepline.common.client import open_channel
-from stepline.common.config import ClientSettings
 
-from .conftest import MeshApi, executor_record, outputs, restart_executor, task
+from .conftest import WAIT_S, Connect, MeshApi, executor_record, outputs, restart_executor, task
 
 R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
@@ -49,14 +43,20 @@ F = common_pb2.FailureReason
 D = common_pb2.DeviceState
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "social-post.yaml"
 PNG = b"\x89PNG\r\n\x1a\n"
-WAIT_S = 60.0
 
 
 @dataclass
 class Api(MeshApi):
     broker: device_broker_pb2_grpc.DeviceBrokerServiceAsyncStub
 
-    wait_s: ClassVar[float] = WAIT_S  # leases expire and phones are cleaned
+    wait_s: ClassVar[float] = 2 * WAIT_S  # leases expire and phones are cleaned
+
+    @classmethod
+    def stubs(cls, channel: Connect) -> dict[str, Any]:
+        return {"broker": device_broker_pb2_grpc.DeviceBrokerServiceStub(channel("device-broker"))}
+
+    async def ready(self) -> None:
+        await self.eventually("every phone to be available", self.all_available)
 
     async def register(self, text: str) -> None:
         await self.workflows.RegisterWorkflow(
@@ -90,26 +90,6 @@ class Api(MeshApi):
             return str(device.shell("simctl state", timeout=10.0))
 
         return dict(json.loads(await asyncio.to_thread(read)))
-
-
-@pytest.fixture
-async def api(mesh_state: mesh.MeshState) -> AsyncIterator[Api]:
-    settings = ClientSettings(default_timeout_s=WAIT_S)
-    token = mesh_state.admin_token
-    async with (
-        open_channel(mesh_state.endpoint("scheduler"), settings=settings, token=token) as sched,
-        open_channel(mesh_state.endpoint("ledger"), settings=settings, token=token) as ledger,
-        open_channel(mesh_state.endpoint("device-broker"), settings=settings, token=token) as dev,
-    ):
-        api = Api(
-            state=mesh_state,
-            workflows=workflow_service_pb2_grpc.WorkflowServiceStub(sched),
-            runs=scheduler_service_pb2_grpc.SchedulerServiceStub(sched),
-            ledger=ledger_pb2_grpc.LedgerServiceStub(ledger),
-            broker=device_broker_pb2_grpc.DeviceBrokerServiceStub(dev),
-        )
-        await api.eventually("every phone to be available", api.all_available)
-        yield api
 
 
 async def test_social_post_example_posts_from_a_leased_phone(api: Api) -> None:

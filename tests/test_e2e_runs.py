@@ -16,7 +16,7 @@ import os
 import re
 import signal
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +26,11 @@ import pytest
 from google.protobuf import struct_pb2
 
 from stepline.api.common.v1 import common_pb2, run_pb2
-from stepline.api.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from stepline.api.ledger.v1 import ledger_pb2
 from stepline.api.scheduler.v1 import scheduler_service_pb2 as spb
-from stepline.api.scheduler.v1 import scheduler_service_pb2_grpc, workflow_service_pb2_grpc
 from stepline.api.scheduler.v1 import workflow_service_pb2 as wpb
 from stepline.cli import mesh
 from stepline.cli.__main__ import run_async
-from stepline.common.client import open_channel
-from stepline.common.config import ClientSettings
 from stepline.common.plan import plan
 from stepline.common.states import RUN_TERMINAL
 
@@ -43,7 +40,6 @@ R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
 F = common_pb2.FailureReason
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-WAIT_S = 30.0
 
 
 @dataclass
@@ -83,22 +79,6 @@ class Api(MeshApi):
             if not page.next_page_token:
                 return sorted(collected, key=lambda c: c.index)
             request.page_token = page.next_page_token
-
-
-@pytest.fixture
-async def api(mesh_state: mesh.MeshState) -> AsyncIterator[Api]:
-    settings = ClientSettings(default_timeout_s=WAIT_S)
-    token = mesh_state.admin_token
-    async with (
-        open_channel(mesh_state.endpoint("scheduler"), settings=settings, token=token) as sched,
-        open_channel(mesh_state.endpoint("ledger"), settings=settings, token=token) as ledger,
-    ):
-        yield Api(
-            state=mesh_state,
-            workflows=workflow_service_pb2_grpc.WorkflowServiceStub(sched),
-            runs=scheduler_service_pb2_grpc.SchedulerServiceStub(sched),
-            ledger=ledger_pb2_grpc.LedgerServiceStub(ledger),
-        )
 
 
 def attempt_running(path: str) -> Callable[[run_pb2.WorkflowRun], bool]:

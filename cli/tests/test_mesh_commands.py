@@ -6,15 +6,14 @@ executor, reached the way a person reaches them (state directory, ``--as``).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from stepline.cli import mesh
+from stepline.common.testing import eventually
 
 from .conftest import Cli, json_of, started_mesh
 
@@ -47,13 +46,6 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[mesh.MeshState]:
         yield started
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not await check():
-        assert time.monotonic() < deadline, f"not within {WAIT_S:.0f}s: {what}"
-        await asyncio.sleep(POLL_S)
-
-
 def field(text: str, label: str) -> str:
     """The value of the ``label:  value`` line of ``text``."""
     for line in text.splitlines():
@@ -72,7 +64,7 @@ async def all_available(cli: Cli, state: mesh.MeshState) -> None:
         states = await device_states(cli)
         return all(states.get(p) == "DEVICE_STATE_AVAILABLE" for p in state.phones)
 
-    await eventually(check, "both phones AVAILABLE")
+    await eventually(check, what="both phones AVAILABLE", timeout_s=WAIT_S, poll_s=POLL_S)
 
 
 # --- devices -----------------------------------------------------------------------

@@ -4,12 +4,10 @@ in-process on real PostgreSQL and NATS, stubs per principal, a webhook receiver
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -192,20 +190,6 @@ def policy(
     if expiry_s is not None:
         result.expiry.CopyFrom(Duration(seconds=int(expiry_s), nanos=int(expiry_s % 1 * 1e9)))
     return result
-
-
-async def eventually(
-    check: Callable[[], Awaitable[Any]], *, timeout_s: float = 10.0, what: str = "condition"
-) -> Any:
-    """Poll ``check`` until it returns a truthy value (the value is returned)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -12,8 +12,9 @@ import pytest
 from stepline.api.approvals.v1 import approvals_pb2 as pb
 from stepline.api.common.v1 import run_pb2, workflow_pb2
 from stepline.api.ledger.v1 import ledger_pb2
+from stepline.common.testing import eventually
 
-from .conftest import Event, Harness, eventually, policy
+from .conftest import Event, Harness, policy
 
 S = pb.ApprovalState
 

@@ -12,8 +12,9 @@ import pytest
 
 from stepline.api.approvals.v1 import approvals_pb2 as pb
 from stepline.approvals import signing
+from stepline.common.testing import eventually
 
-from .conftest import INBOUND_SECRET, Harness, eventually, policy
+from .conftest import INBOUND_SECRET, Harness, policy
 
 S = pb.ApprovalState
 

@@ -27,8 +27,9 @@ from stepline.common import jetstream
 from stepline.common.auth import Principal
 from stepline.common.db import create_pool, load_migrations
 from stepline.common.jetstream import Streams
+from stepline.common.testing import eventually
 
-from .conftest import eventually, policy
+from .conftest import policy
 
 R = common_pb2.WorkflowRunState
 S = pb.ApprovalState

@@ -18,10 +18,11 @@ from stepline.approvals.server import running as approvals_running
 from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings, ServerSettings
 from stepline.common.embedded import free_port
+from stepline.common.testing import eventually
 from stepline.ledger.config import LedgerSettings
 from stepline.ledger.server import running as ledger_running
 
-from .conftest import Harness, eventually
+from .conftest import Harness
 
 S = pb.ApprovalState
 

@@ -9,8 +9,9 @@ import pytest
 
 from stepline.api.approvals.v1 import approvals_pb2 as pb
 from stepline.approvals import signing
+from stepline.common.testing import eventually
 
-from .conftest import HOOK_SECRET, Harness, Receiver, eventually, policy
+from .conftest import HOOK_SECRET, Harness, Receiver, policy
 
 D = pb.DeliveryState
 

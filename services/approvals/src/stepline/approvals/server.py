@@ -34,7 +34,7 @@ from stepline.api.approvals.v1 import approvals_pb2_grpc
 from stepline.api.ledger.v1 import ledger_pb2_grpc
 from stepline.approvals.config import ApprovalsSettings
 from stepline.approvals.idempotency import RequestKey
-from stepline.approvals.inbound import DecisionEndpoint, load_principals
+from stepline.approvals.inbound import DecisionEndpoint
 from stepline.approvals.outbox import EventPublisher, LedgerRecorder, Pulse, drain_forever
 from stepline.approvals.runs import RunEndings
 from stepline.approvals.secret_store import SecretStore
@@ -48,7 +48,7 @@ from stepline.common.config import parse_address
 from stepline.common.db import create_pool, load_migrations
 from stepline.common.loops import Loop, background
 from stepline.common.requests import fingerprint
-from stepline.common.server import GrpcHost, serving, wait_until_stopped
+from stepline.common.server import GrpcHost, load_authenticator, serving, wait_until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ async def running(settings: ApprovalsSettings) -> AsyncIterator[Approvals]:
             "no secret named %r in the secrets file: inbound decisions will be refused",
             hooks.inbound_secret,
         )
-    principals = load_principals(settings.server.auth_file)
+    authenticator = load_authenticator(settings.server)  # for gRPC calls and inbound actors
     async with contextlib.AsyncExitStack() as stack:
         pool = await create_pool(
             settings.database_url,
@@ -235,7 +235,7 @@ async def running(settings: ApprovalsSettings) -> AsyncIterator[Approvals]:
             )
 
         servicer = ApprovalsServicer(store, subscriptions)
-        host = GrpcHost(settings=settings.server)
+        host = GrpcHost(settings=settings.server, authenticator=authenticator)
         host.add(
             SERVICE_NAME,
             lambda server: approvals_pb2_grpc.add_ApprovalsServiceServicer_to_server(
@@ -243,7 +243,10 @@ async def running(settings: ApprovalsSettings) -> AsyncIterator[Approvals]:
             ),
         )
         endpoint = DecisionEndpoint(
-            store=store, secrets=secrets, settings=hooks, principals=principals
+            store=store,
+            secrets=secrets,
+            settings=hooks,
+            principals=authenticator.principals_by_id(),
         )
         async with (
             background(loops),

@@ -408,18 +408,7 @@ async def _first(*waits: Awaitable[Any], within_s: float) -> None:
 
 async def write_run(fence: Fence, state: int, key: str, reason: str) -> run_pb2.WorkflowRun:
     """Move the run under ``fence`` with a request id of its own (``key``)."""
-    response = await fence.ledger.call(
-        fence.ledger.stub.TransitionRun,
-        pb.TransitionRunRequest(
-            request_id=f"{fence.run_id}:{fence.epoch}:govern:run:{key}",
-            run_id=fence.run_id,
-            epoch=fence.epoch,
-            actor=fence.actor,
-            state=state,  # type: ignore[arg-type]
-            reason=reason,
-        ),
-    )
-    return response.run
+    return await fence.transition_run(state, reason=reason, key=f"govern:{key}")
 
 
 async def suspend(ex: Execution) -> bool:

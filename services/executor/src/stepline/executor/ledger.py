@@ -291,12 +291,15 @@ class Fence:
         reason: str = "",
         release: str | None = None,
         after: pb.StepTransition | None = None,
+        key: str = "",
     ) -> run_pb2.WorkflowRun:
         """Move the run to ``state``; with ``release`` (its reason) the claim is
         released in the same commit, and ``after`` (a step's end) is applied
-        first, in the same call. Returns the run (RUN_VIEW_BASIC)."""
+        first, in the same call. ``key`` names the move in its request id in
+        place of ``state``, for a run that may go to one state more than once
+        under this claim. Returns the run (RUN_VIEW_BASIC)."""
         request = pb.TransitionRunRequest(
-            request_id=self._id("run", R.Name(state)),  # type: ignore[arg-type]
+            request_id=self._id("run", key or R.Name(state)),  # type: ignore[arg-type]
             run_id=self.run_id,
             epoch=self.epoch,
             actor=self.actor,

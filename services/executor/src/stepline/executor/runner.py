@@ -261,21 +261,20 @@ class Execution:
                 halt = Halt("skipped")
             if halt is None:
                 following = steps[index + 1] if index + 1 < len(steps) else None
-                carry = siblings_failed is None and self._may_carry(prefix, step, following)
-                self._carry_step = path if carry else ""
+                # only the run's own sequence carries (see _may_carry)
+                self._carry_step = path if self._may_carry(prefix, step, following) else ""
                 with log_context(task_id=task.task_id):
                     halt = await self.step(step, path, task)
-            if halt is not None and halt.kind == "lost":
-                self.carry = None  # the ledger refuses this holder's writes now
             if halt is not None:
-                await self.flush_carry()
-            await self.devices.passed(step.id, halt)
-            if halt is not None:
+                if halt.kind == "lost":
+                    self.carry = None  # the ledger refuses this holder's writes now
+                else:
+                    await self.flush_carry()
+                await self.devices.passed(step.id, halt)
                 return halt
+            await self.devices.passed(step.id, None)
             if step.id in self.outputs:
                 self._record_output(step.id, self.outputs[step.id], top=not prefix)
-        if prefix:
-            await self.flush_carry()  # a guard: only the run's own sequence carries
         return None  # a carried last step's end goes with the run's end (finish)
 
     def _may_carry(

@@ -4,11 +4,9 @@ simulated phones (``phones`` fixture of stepline.phone.testing)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,7 +19,7 @@ from stepline.api.device_broker.v1 import device_broker_pb2_grpc
 from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings, NatsSettings, ServerSettings
 from stepline.common.jetstream import Streams
-from stepline.common.testing import Credentials
+from stepline.common.testing import Credentials, eventually
 from stepline.device_broker.config import DeviceBrokerSettings
 from stepline.device_broker.server import Running, started
 
@@ -155,17 +153,6 @@ def release_request(
         outcome=outcome,  # type: ignore[arg-type]
         message=message,
     )
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, what: str, timeout_s: float = 20.0
-) -> None:
-    """Await ``check`` until it is true; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class MeshFactory(Protocol):

@@ -71,7 +71,7 @@ async def test_a_leased_phone_that_drops_is_cleaned_when_it_returns(
             async def dropped() -> bool:
                 return not entry.online
 
-            await eventually(dropped, what="the broker to see the phone gone")
+            await eventually(dropped, what="the broker to see the phone gone", timeout_s=20.0)
             assert (await mesh.device(phone.address)).state == LEASED  # the lease lives on
             released = await mesh.release(lease)
             assert released.device.state in (CLEANING, OFFLINE)

@@ -36,7 +36,7 @@ async def quarantined_again(mesh: Mesh, serial: str, after: pb.Device) -> pb.Dev
             > after.quarantine.quarantine_time.ToDatetime()
         )
 
-    await eventually(check, what=f"{serial} quarantined again")
+    await eventually(check, what=f"{serial} quarantined again", timeout_s=20.0)
     return found[0]
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -18,6 +16,7 @@ from stepline.api.common.v1 import common_pb2, run_pb2
 from stepline.api.events.v1 import events_pb2
 from stepline.common.db import create_pool, load_migrations
 from stepline.common.jetstream import MSG_ID_HEADER, Streams, ensure_streams
+from stepline.common.testing import eventually
 from stepline.ledger.events import EventLog
 from stepline.ledger.relay import EventRelay, pending_count
 
@@ -73,16 +72,6 @@ async def _read_stream(
 async def _event_ids(ledger: Ledger) -> set[str]:
     rows = await ledger.pool.fetch("SELECT event_id FROM events")
     return {str(row["event_id"]) for row in rows}
-
-
-async def _eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout_s: float = 10.0, what: str = ""
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.02)
 
 
 async def _drain(relay: EventRelay) -> int:
@@ -238,8 +227,8 @@ async def test_run_wakes_on_commits_here_and_in_other_replicas(
         async def drained() -> bool:
             return await _stream_messages(js, streams) == before
 
-        await _eventually(drained, what="the first pass")
-        await _eventually(lambda: _zero(ledger), what="the cursor to move")
+        await eventually(drained, what="the first pass")
+        await eventually(lambda: _zero(ledger), what="the cursor to move")
         assert leader.is_leader
 
         # This ledger's commits wake its relay...
@@ -251,16 +240,16 @@ async def test_run_wakes_on_commits_here_and_in_other_replicas(
         async def published() -> bool:
             return await _stream_messages(js, streams) == len(await _event_ids(ledger))
 
-        await _eventually(published, what="the pass after a local commit")
-        await _eventually(lambda: _zero(ledger), what="the cursor to move")
+        await eventually(published, what="the pass after a local commit")
+        await eventually(lambda: _zero(ledger), what="the cursor to move")
 
         # ...and a replica whose relay does not lead passes its commits on (NOTIFY).
         following = asyncio.create_task(follower.run())
         ledger.store.committer.on_commit = follower.notify
         await move_task(ledger, run_id, epoch, "a", T.TASK_RUN_STATE_SUCCEEDED)
         assert len(await _event_ids(ledger)) > total
-        await _eventually(published, what="the pass after another replica's commit")
-        await _eventually(lambda: _zero(ledger), what="the cursor to move")
+        await eventually(published, what="the pass after another replica's commit")
+        await eventually(lambda: _zero(ledger), what="the cursor to move")
         assert not follower.is_leader
     finally:
         ledger.store.committer.on_commit = None
@@ -333,12 +322,12 @@ async def test_run_retries_after_nats_errors(
             async def warned() -> bool:
                 return any("event relay" in r.getMessage() for r in caplog.records)
 
-            await _eventually(warned, what="a warning")
+            await eventually(warned, what="a warning")
         assert not task.done()
         assert await pending_count(ledger.pool) == total  # the cursor moves only on acks
 
         await ensure_streams(js, streams)
-        await _eventually(lambda: _zero(ledger), what="the rows to be published")
+        await eventually(lambda: _zero(ledger), what="the rows to be published")
         messages = await _read_stream(js, streams)
         assert [e.record.sequence for _, _, e in messages] == list(range(1, total + 1))
     finally:

@@ -8,7 +8,9 @@ then measures with the same number of concurrent clients:
    one commit per insert: the database's commit rate for this machine;
 2. ledger: each client drives its own run through task transitions
    (RUNNING, SUCCEEDED, ...) via the ledger's store and group committer, the
-   same code path as the LedgerService RPCs, minus gRPC, in this process;
+   same code path as the LedgerService RPCs, minus gRPC, in this process
+   (runs of 400 tasks; with ``--stagger`` the clients' runs are spread over
+   their tasks, so that their creations and window reads do not coincide);
 3. with ``--grpc``, instead: the same through the real ledger service in a
    process of its own (``python -m stepline.ledger``: gRPC server, group
    committer and event relay, publishing every event to a nats-server that the

@@ -198,7 +198,7 @@ class MeshApi:
         return response.run
 
     async def eventually(
-        self, what: str | Callable[[], str], check: Callable[[], Awaitable[Any]]
+        self, check: Callable[[], Awaitable[Any]], *, what: str | Callable[[], str]
     ) -> Any:
         """Poll the async ``check`` until it returns something true (failing
         after ``wait_s`` with ``what``)."""
@@ -216,7 +216,7 @@ class MeshApi:
             return last if condition(last) else None
 
         run: run_pb2.WorkflowRun = await self.eventually(
-            lambda: f"run {run_id} to get {what}; it is {last}", check
+            check, what=lambda: f"run {run_id} to get {what}; it is {last}"
         )
         return run
 

@@ -201,7 +201,7 @@ async def test_cancelling_a_suspended_run_closes_its_request(api: Api) -> None:
         approval = await api.approval(approval_id)
         return approval if approval.state != A.APPROVAL_STATE_PENDING else None
 
-    approval = await api.eventually("the request to be closed", closed)
+    approval = await api.eventually(closed, what="the request to be closed")
     assert approval.state == A.APPROVAL_STATE_CANCELLED
     with pytest.raises(grpc.aio.AioRpcError) as late:
         await api.approve(approval_id)

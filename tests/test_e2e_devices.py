@@ -56,7 +56,7 @@ class Api(MeshApi):
         return {"broker": device_broker_pb2_grpc.DeviceBrokerServiceStub(channel("device-broker"))}
 
     async def ready(self) -> None:
-        await self.eventually("every phone to be available", self.all_available)
+        await self.eventually(self.all_available, what="every phone to be available")
 
     async def register(self, text: str) -> None:
         await self.workflows.RegisterWorkflow(
@@ -126,7 +126,7 @@ async def test_social_post_example_posts_from_a_leased_phone(api: Api) -> None:
     # Released, then cleaned by the broker (the app is signed out again).
     for serial in api.state.phones:
         assert (await api.device(serial)).state != D.DEVICE_STATE_LEASED
-    await api.eventually("every phone to be available", api.all_available)
+    await api.eventually(api.all_available, what="every phone to be available")
     assert "ada" not in (await api.phone_state(holders[0]))["accounts"]
 
 
@@ -164,7 +164,7 @@ async def test_a_killed_executor_loses_its_phone_to_the_lease_ttl(api: Api) -> N
                 return attempts[-1].executor_id, device
         return None
 
-    executor_id, leased = await api.eventually("the run to hold a phone", holding)
+    executor_id, leased = await api.eventually(holding, what="the run to hold a phone")
     record = executor_record(api.state, executor_id)
     env = psutil.Process(record.pid).environ()
     os.kill(record.pid, signal.SIGKILL)
@@ -174,7 +174,7 @@ async def test_a_killed_executor_loses_its_phone_to_the_lease_ttl(api: Api) -> N
             device = await api.device(leased.serial)
             return bool(device.lease.lease_id != leased.lease.lease_id)
 
-        await api.eventually("the broker to reclaim the dead executor's lease", reclaimed)
+        await api.eventually(reclaimed, what="the broker to reclaim the dead executor's lease")
         run = await api.finished(run_id)
     finally:
         await restart_executor(api.state, record, env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import asyncpg
@@ -128,11 +129,31 @@ async def test_the_embedded_server_is_reached_through_its_unix_socket(
         await conn.close()
 
 
-def test_a_socket_path_too_long_for_the_kernel_falls_back_to_tcp(tmp_path: Path) -> None:
-    short = embedded.postgres_dsn(5432, "db", socket_dir=Path("/tmp/pg"))
-    assert short == "postgresql://postgres@/db?host=/tmp/pg&port=5432"
-    long_dir = tmp_path / ("d" * 120)
-    assert embedded.postgres_dsn(5432, "db", socket_dir=long_dir) == (
-        "postgresql://postgres@127.0.0.1:5432/db"
+def test_a_socket_path_too_long_for_the_kernel_means_tcp_only(tmp_path: Path) -> None:
+    assert embedded.socket_dir_for(tmp_path, 5432) == tmp_path.resolve()
+    assert embedded.socket_dir_for(tmp_path / ("d" * 120), 5432) is None
+    assert embedded.socket_dir_for(tmp_path / "a,b", 5432) is None
+    assert embedded.postgres_dsn(5432, "db", socket_dir=Path("/tmp/pg")) == (
+        "postgresql://postgres@/db?host=/tmp/pg&port=5432"
     )
     assert embedded.postgres_dsn(5432) == "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def test_a_server_whose_socket_path_is_too_long_serves_over_tcp(tmp_path: Path) -> None:
+    data_dir = tmp_path / ("d" * 110)
+    port = embedded.free_port()
+    record = embedded.start_postgres(data_dir, port=port, log_path=tmp_path / "pg.log")
+    try:
+        dsn = embedded.record_dsn(record)
+        assert dsn == embedded.postgres_dsn(port)
+
+        async def client_address() -> object:
+            conn = await asyncpg.connect(dsn)
+            try:
+                return await conn.fetchval("SELECT inet_client_addr()::text")
+            finally:
+                await conn.close()
+
+        assert asyncio.run(client_address()) == "127.0.0.1/32"
+    finally:
+        embedded.stop(record)

@@ -62,21 +62,23 @@ async def test_a_creation_does_not_wait_for_the_shards(ledger: Ledger) -> None:
     """A run's creation is applied beside the committer's shards: a shard busy
     with a long batch does not hold it up."""
     committer = ledger.store.committer
-    release = asyncio.Event()
+    release, all_held = asyncio.Event(), asyncio.Event()
     busy = 0
 
     async def hold(conn: asyncpg.Connection) -> None:
         nonlocal busy
         busy += 1
+        if busy == committer.shard_count:
+            all_held.set()
         await release.wait()
 
-    holders = [
-        asyncio.create_task(committer.submit(f"key-{n}", hold)) for n in range(64)
-    ]  # every shard gets one of 64 keys
+    # 64 keys: each shard takes one batch of several and holds on its first
+    holders = [asyncio.create_task(committer.submit(f"key-{n}", hold)) for n in range(64)]
     try:
+        await asyncio.wait_for(all_held.wait(), 30)
         created = await asyncio.wait_for(ledger.store.create_run(create_request()), 30)
         assert created.created
-        assert 0 < busy < len(holders)  # the shards were still held meanwhile
+        assert busy == committer.shard_count  # every shard still held meanwhile
     finally:
         release.set()
         await asyncio.gather(*holders)

@@ -16,6 +16,9 @@ a shard's *memory* between batches, so that a later batch on the same runs
 reads nothing before its write: every other operation forgets its key (run)
 there before and after it runs, and a failed batch clears the shard's memory.
 
+A run's creation is the exception (:meth:`GroupCommitter.apply_alone`): it is
+applied beside the shards, in a transaction of its own.
+
 If a statement fails mid-batch, the transaction is rolled back and each
 operation of the batch is retried alone, so one bad write never takes others
 down with it; an operation's own error reaches only its caller.
@@ -38,6 +41,10 @@ from stepline.common.errors import Aborted, SteplineError, Unavailable
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: operations applied alone (:meth:`GroupCommitter.apply_alone`) at once, each
+#: on a connection of the pool: size the pool for the shards, these and queries
+MAX_ALONE = 4
 
 
 class Unit(Protocol):
@@ -141,11 +148,13 @@ class GroupCommitter:
         self._max_batch = max_batch
         self.on_commit = on_commit
         self._shards = [_Shard() for _ in range(shards)]
+        self.shard_count = shards
         self._workers: list[asyncio.Task[None]] = []
         self.batches = 0
         self.operations = 0
         # Keys of operations applied alone, in flight: one at a time per key.
         self._alone: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._alone_slots = asyncio.Semaphore(MAX_ALONE)
 
     async def start(self) -> None:
         for index, shard in enumerate(self._shards):
@@ -170,25 +179,28 @@ class GroupCommitter:
         shard.queue.put_nowait((operation, future, key))
         return await future
 
-    async def apply_alone(self, key: str, operation: Operation[T]) -> T:
+    async def apply_alone(
+        self, key: str, operation: Callable[[asyncpg.Connection], Awaitable[T]]
+    ) -> T:
         """Apply ``operation`` in a transaction of its own on a pool connection,
         beside the shards: for a large write that nothing else of its run can be
         waiting on (a run's creation), which would hold up a shard's batch.
-        Operations of one ``key`` are applied one at a time."""
+        Operations of one ``key`` are applied one at a time, and at most
+        :data:`MAX_ALONE` at once (they draw on the pool that queries use)."""
         if not self._workers:
             raise Unavailable("the ledger is not accepting writes")
-        assert not isinstance(operation, UnitOperation)
         lock = self._alone.setdefault(key, asyncio.Lock())
-        async with lock, self._pool.acquire() as conn:
+        async with lock, self._alone_slots, self._pool.acquire() as conn:
             try:
                 async with conn.transaction():
-                    result = await operation(conn)
+                    return await operation(conn)
             except asyncpg.SerializationError as exc:
-                log.warning("ledger write conflicted: %s", exc)
-                raise Aborted(f"the run changed concurrently, retry: {exc}") from exc
-        if self.on_commit is not None:
-            self.on_commit()
-        return result
+                raise _conflict(exc) from exc
+            finally:
+                # also when the caller was cancelled, the commit perhaps made: a
+                # wake-up too many costs the relay one pass
+                if self.on_commit is not None:
+                    self.on_commit()
 
     async def _work(self, shard: _Shard) -> None:
         conn: asyncpg.Connection | None = None
@@ -236,9 +248,7 @@ class GroupCommitter:
                 return
             future = batch[0][1]
             if isinstance(exc, asyncpg.SerializationError):
-                # Another writer changed the run between read and write.
-                log.warning("ledger write conflicted: %s", exc)
-                failure: BaseException = Aborted(f"the run changed concurrently, retry: {exc}")
+                failure: BaseException = _conflict(exc)
             else:
                 log.exception("ledger write failed")
                 failure = exc
@@ -280,6 +290,12 @@ class GroupCommitter:
 
 
 _Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+def _conflict(exc: asyncpg.SerializationError) -> Aborted:
+    """Another writer changed the run between read and write: the caller may retry."""
+    log.warning("ledger write conflicted: %s", exc)
+    return Aborted(f"the run changed concurrently, retry: {exc}")
 
 
 def _grouped(batch: list[_Item]) -> list[_Item]:

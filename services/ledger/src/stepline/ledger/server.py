@@ -23,7 +23,7 @@ from stepline.common.db import create_pool, load_migrations
 from stepline.common.loops import background
 from stepline.common.server import GrpcHost, serving, wait_until_stopped
 from stepline.ledger import artifacts, queries
-from stepline.ledger.committer import GroupCommitter
+from stepline.ledger.committer import MAX_ALONE, GroupCommitter
 from stepline.ledger.config import LedgerSettings, with_room_for_artifacts
 from stepline.ledger.relay import EventRelay
 from stepline.ledger.stats import get_stats
@@ -168,7 +168,7 @@ async def running(settings: LedgerSettings) -> AsyncIterator[GrpcHost]:
             settings.database_url,
             schema=settings.schema,
             migrations=load_migrations("stepline.ledger"),
-            max_size=settings.commit_shards + 8,
+            max_size=settings.commit_shards + MAX_ALONE + 8,
         )
         stack.push_async_callback(pool.close)
         nc = await jetstream.connect(settings.nats.url, name="stepline-ledger")

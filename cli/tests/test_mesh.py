@@ -22,7 +22,7 @@ from stepline.cli import mesh
 from stepline.common.auth import Authenticator, Principal
 from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings
-from stepline.common.embedded import ProcessRecord, group_alive, postgres_dsn
+from stepline.common.embedded import ProcessRecord, group_alive, record_dsn
 from stepline.common.jetstream import Streams, connect
 
 EXPECTED = {"postgres", "nats", "adb", "phone-1", "phone-2", *mesh.SERVICES}
@@ -139,7 +139,7 @@ def test_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
             grpc.StatusCode.UNAUTHENTICATED
         )
         postgres = next(c for c in state.components if c.name == "postgres")
-        asyncio.run(_write_marker(postgres_dsn(postgres.port, mesh.DATABASE)))
+        asyncio.run(_write_marker(record_dsn(postgres, mesh.DATABASE)))
         # A run recorded by the ledger reaches STEPLINE_EVENTS through its outbox relay.
         run_id = asyncio.run(_create_run(ledger, state.admin_token))
         event = asyncio.run(_first_event_of(state.endpoint("nats"), run_id))
@@ -164,7 +164,7 @@ def test_up_status_down_leaves_nothing_behind(tmp_path: Path) -> None:
         second = mesh.MeshState.load(state_dir)
         assert second is not None
         postgres = next(c for c in second.components if c.name == "postgres")
-        assert asyncio.run(_read_marker(postgres_dsn(postgres.port, mesh.DATABASE))) == ["kept"]
+        assert asyncio.run(_read_marker(record_dsn(postgres, mesh.DATABASE))) == ["kept"]
         assert second.tokens == state.tokens
         assert json.loads(second.secrets_file.read_text(encoding="utf-8"))["secrets"] == secrets
         assert second.phones == state.phones[:1]

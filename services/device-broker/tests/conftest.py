@@ -54,15 +54,15 @@ class Mesh:
         """The device once it is in ``state`` (polls GetDevice)."""
         last: list[pb.Device] = []
 
-        async def check() -> bool:
+        async def check() -> pb.Device | None:
             with contextlib.suppress(Exception):
                 last[:] = [await self.device(serial)]
-            return bool(last) and last[0].state == state
+            return last[0] if last and last[0].state == state else None
 
-        await eventually(
-            check, what=f"{serial} {S.Name(state)} (last: {last})", timeout_s=timeout_s
+        device: pb.Device = await eventually(
+            check, what=lambda: f"{serial} {S.Name(state)} (last: {last})", timeout_s=timeout_s
         )
-        return last[0]
+        return device
 
     async def wait_available(self, serials: list[str], *, timeout_s: float = 20.0) -> None:
         for serial in serials:
@@ -117,6 +117,10 @@ class Mesh:
             return self.waiters == n
 
         await eventually(check, what=f"{n} waiting Lease call(s)", timeout_s=timeout_s)
+
+
+#: the cleanup profiles of a broker whose released phones are free at once
+NO_CLEANUP = {"default": "none"}
 
 
 def lease_request(

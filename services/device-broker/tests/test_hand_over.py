@@ -14,7 +14,7 @@ from stepline.api.device_broker.v1 import device_broker_pb2 as pb
 from stepline.common.auth import Principal
 from stepline.phone.testing import PhoneFactory
 
-from .conftest import AVAILABLE, LEASED, Mesh, MeshFactory
+from .conftest import AVAILABLE, LEASED, NO_CLEANUP, Mesh, MeshFactory
 
 
 async def _device_row(mesh: Mesh, serial: str) -> tuple[int, int, str | None]:
@@ -28,7 +28,7 @@ async def test_release_hands_the_phone_to_the_waiting_call(
     broker_mesh: MeshFactory, phones: PhoneFactory
 ) -> None:
     (phone,) = phones(1)
-    async with broker_mesh(cleanup_profiles={"default": "none"}) as mesh:
+    async with broker_mesh(cleanup_profiles=NO_CLEANUP) as mesh:
         await mesh.wait_available([phone.address])
         held = (await mesh.lease(executor="first")).lease
         waiting = asyncio.ensure_future(mesh.lease(executor="second", timeout_s=20))
@@ -76,7 +76,7 @@ async def test_a_hand_over_that_cannot_grant_falls_back_to_a_release(
     hand-over's insert fails, so the device is released the usual way and the
     waiting call gets the answer its own grant gives (FAILED_PRECONDITION)."""
     (phone,) = phones(1)
-    async with broker_mesh(cleanup_profiles={"default": "none"}) as mesh:
+    async with broker_mesh(cleanup_profiles=NO_CLEANUP) as mesh:
         await mesh.wait_available([phone.address])
         ended = (await mesh.lease(request_id="used")).lease
         await mesh.release(ended)
@@ -111,7 +111,7 @@ async def test_two_releases_at_once_hand_over_to_one_waiter_once(
     the first release hands its phone over, the second one sees the waiter taken
     and releases its phone the usual way (no second, failing hand-over)."""
     serials = sorted(phone.address for phone in phones(2))
-    async with broker_mesh(cleanup_profiles={"default": "none"}) as mesh:
+    async with broker_mesh(cleanup_profiles=NO_CLEANUP) as mesh:
         await mesh.wait_available(serials)
         held = [(await mesh.lease(executor=f"holder-{n}")).lease for n in range(2)]
         broker = mesh.running.broker

@@ -6,10 +6,11 @@ import grpc
 import pytest
 
 from stepline.api.device_broker.v1 import device_broker_pb2 as pb
+from stepline.common.testing import eventually
 from stepline.phone.server import PhoneServer
 from stepline.phone.testing import PhoneFactory
 
-from .conftest import AVAILABLE, CLEANING, LEASED, OFFLINE, MeshFactory, eventually
+from .conftest import AVAILABLE, CLEANING, LEASED, OFFLINE, MeshFactory
 
 
 async def test_devices_are_listed_from_adb(broker_mesh: MeshFactory, phones: PhoneFactory) -> None:

@@ -14,7 +14,14 @@ from google.protobuf.duration_pb2 import Duration
 from stepline.api.device_broker.v1 import device_broker_pb2 as pb
 from stepline.phone.testing import PhoneFactory
 
-from .conftest import AVAILABLE, LEASED, MeshFactory, lease_request, release_request
+from .conftest import (
+    AVAILABLE,
+    LEASED,
+    NO_CLEANUP,
+    MeshFactory,
+    lease_request,
+    release_request,
+)
 
 Session = grpc.aio.StreamStreamCall[pb.LeaseSessionRequest, pb.LeaseSessionResponse]
 
@@ -24,6 +31,12 @@ def lease(request_id: str, *, max_wait_s: float | None = None) -> pb.LeaseSessio
     if max_wait_s is not None:
         request.max_wait.FromNanoseconds(int(max_wait_s * 1e9))
     return request
+
+
+async def finish(session: Session) -> None:
+    """Close the client's side; the stream then ends, every answer given."""
+    await session.done_writing()
+    assert await session.read() is grpc.aio.EOF
 
 
 async def answer(session: Session) -> pb.LeaseSessionResponse:
@@ -59,8 +72,7 @@ async def test_lease_renew_and_release_on_one_stream(
         released = await answer(session)
         assert released.request_id == "r1" and released.WhichOneof("response") == "release"
         assert released.release.device.serial == phone.address
-        await session.done_writing()
-        assert await session.read() is grpc.aio.EOF
+        await finish(session)
         assert await session.code() == grpc.StatusCode.OK
         await mesh.wait_state(phone.address, AVAILABLE)
         row = await mesh.running.broker.store.pool.fetchrow(
@@ -94,15 +106,14 @@ async def test_a_release_is_answered_while_a_lease_on_the_stream_waits(
         assert second.lease.lease.token == first.lease.lease.token + 1
         device = await mesh.device(phone.address)
         assert device.lease.lease_id == second.lease.lease.lease_id
-        await session.done_writing()
-        assert await session.read() is grpc.aio.EOF
+        await finish(session)
 
 
 async def test_an_error_answers_its_request_only(
     broker_mesh: MeshFactory, phones: PhoneFactory
 ) -> None:
     (phone,) = phones(1)
-    async with broker_mesh(cleanup_profiles={"default": "none"}) as mesh:
+    async with broker_mesh(cleanup_profiles=NO_CLEANUP) as mesh:
         await mesh.wait_available([phone.address])
         session = mesh.service.LeaseSession(timeout=60)
         await session.write(pb.LeaseSessionRequest())
@@ -135,8 +146,7 @@ async def test_an_error_answers_its_request_only(
         released = await answer(session)
         assert released.request_id == "r1" and released.WhichOneof("response") == "release"
         assert (await mesh.device(phone.address)).state == AVAILABLE
-        await session.done_writing()
-        assert await session.read() is grpc.aio.EOF
+        await finish(session)
         assert await session.code() == grpc.StatusCode.OK
 
 
@@ -159,8 +169,7 @@ async def test_who_may_open_a_session(broker_mesh: MeshFactory, phones: PhoneFac
         await session.write(lease("l2"))
         granted = await answer(session)
         assert granted.lease.lease.token == 1
-        await session.done_writing()
-        assert await session.read() is grpc.aio.EOF
+        await finish(session)
         assert (await mesh.device(phone.address)).state == LEASED
 
 
@@ -182,15 +191,14 @@ async def test_max_wait_bounds_a_waiting_lease(
         assert 0.4 < waited < 2.0
         assert mesh.waiters == 0
         assert (await mesh.device(phone.address)).lease.lease_id == held.lease_id
-        await session.done_writing()
-        assert await session.read() is grpc.aio.EOF
+        await finish(session)
 
 
 async def test_closing_the_stream_answers_what_is_in_flight(
     broker_mesh: MeshFactory, phones: PhoneFactory
 ) -> None:
     (phone,) = phones(1)
-    async with broker_mesh(cleanup_profiles={"default": "none"}) as mesh:
+    async with broker_mesh(cleanup_profiles=NO_CLEANUP) as mesh:
         await mesh.wait_available([phone.address])
         held = (await mesh.lease()).lease
         session = mesh.service.LeaseSession(timeout=60)
@@ -208,7 +216,7 @@ async def test_cancelling_the_stream_abandons_a_waiting_lease(
     broker_mesh: MeshFactory, phones: PhoneFactory
 ) -> None:
     (phone,) = phones(1)
-    async with broker_mesh(cleanup_profiles={"default": "none"}) as mesh:
+    async with broker_mesh(cleanup_profiles=NO_CLEANUP) as mesh:
         await mesh.wait_available([phone.address])
         held = (await mesh.lease()).lease
         session = mesh.service.LeaseSession(timeout=60)
@@ -238,7 +246,7 @@ async def test_a_session_answers_an_unexpected_error_as_the_unary_call_does(
     code: grpc.StatusCode,
 ) -> None:
     (phone,) = phones(1)
-    async with broker_mesh(cleanup_profiles={"default": "none"}) as mesh:
+    async with broker_mesh(cleanup_profiles=NO_CLEANUP) as mesh:
         await mesh.wait_available([phone.address])
         held = (await mesh.lease()).lease
         renew = pb.RenewRequest(request_id="n1", lease_id=held.lease_id, token=held.token)
@@ -260,15 +268,14 @@ async def test_a_session_answers_an_unexpected_error_as_the_unary_call_does(
         await session.write(pb.LeaseSessionRequest(release=release_request(held)))
         released = await answer(session)  # the stream goes on
         assert released.WhichOneof("response") == "release"
-        await session.done_writing()
-        assert await session.read() is grpc.aio.EOF
+        await finish(session)
 
 
 async def test_renew_and_release_ignore_max_wait(
     broker_mesh: MeshFactory, phones: PhoneFactory
 ) -> None:
     (phone,) = phones(1)
-    async with broker_mesh(cleanup_profiles={"default": "none"}) as mesh:
+    async with broker_mesh(cleanup_profiles=NO_CLEANUP) as mesh:
         await mesh.wait_available([phone.address])
         held = (await mesh.lease()).lease
         negative = Duration(seconds=-1)
@@ -282,8 +289,7 @@ async def test_renew_and_release_ignore_max_wait(
         released = await answer(session)
         assert released.request_id == "r1" and released.WhichOneof("response") == "release"
         assert (await mesh.device(phone.address)).state == AVAILABLE
-        await session.done_writing()
-        assert await session.read() is grpc.aio.EOF
+        await finish(session)
 
 
 async def test_a_zero_max_wait_does_not_wait(
@@ -293,7 +299,7 @@ async def test_a_zero_max_wait_does_not_wait(
     free is granted, else DEADLINE_EXCEEDED at once); unset, the broker's
     maximum (see test_a_release_is_answered_while_a_lease_on_the_stream_waits)."""
     (phone,) = phones(1)
-    async with broker_mesh(cleanup_profiles={"default": "none"}) as mesh:
+    async with broker_mesh(cleanup_profiles=NO_CLEANUP) as mesh:
         await mesh.wait_available([phone.address])
         held = (await mesh.lease()).lease
         session = mesh.service.LeaseSession(timeout=60)
@@ -311,5 +317,4 @@ async def test_a_zero_max_wait_does_not_wait(
         granted = await asyncio.wait_for(answer(session), 5)
         assert granted.request_id == "free" and granted.WhichOneof("response") == "lease"
         assert granted.lease.lease.token == held.token + 1
-        await session.done_writing()
-        assert await session.read() is grpc.aio.EOF
+        await finish(session)

@@ -28,9 +28,14 @@ from stepline.common.testing import Credentials
 from stepline.device_broker.config import DeviceBrokerSettings
 from stepline.phone.testing import PhoneFactory
 
-from .conftest import AVAILABLE, LEASED, MeshFactory, lease_request, release_request
-
-NO_CLEANUP = {"default": "none"}
+from .conftest import (
+    AVAILABLE,
+    LEASED,
+    NO_CLEANUP,
+    MeshFactory,
+    lease_request,
+    release_request,
+)
 
 
 async def test_lease_renew_and_release_through_the_client(

@@ -11,9 +11,10 @@ from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
 from stepline.api.device_broker.v1 import device_broker_pb2 as pb
+from stepline.common.testing import eventually
 from stepline.phone.testing import PhoneFactory
 
-from .conftest import AVAILABLE, CLEANING, QUARANTINED, Mesh, MeshFactory, eventually
+from .conftest import AVAILABLE, CLEANING, QUARANTINED, Mesh, MeshFactory
 
 
 def evidence_of(device: pb.Device) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from stepline.api.device_broker.v1 import device_broker_pb2_grpc
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings, NatsSettings, ServerSettings
+from stepline.common.testing import eventually
 from stepline.device_broker.config import DeviceBrokerSettings
 from stepline.device_broker.server import running as broker_running
 from stepline.phone import app
@@ -88,12 +89,15 @@ class Devices:
         self, phone: PhoneServer, check: Callable[[dpb.Device], bool]
     ) -> dpb.Device:
         """Poll the broker until the device satisfies ``check``."""
-        async with asyncio.timeout(WAIT_S):
-            while True:
-                device = await self.device(phone)
-                if check(device):
-                    return device
-                await asyncio.sleep(0.05)
+
+        async def satisfied() -> dpb.Device | None:
+            device = await self.device(phone)
+            return device if check(device) else None
+
+        found: dpb.Device = await eventually(
+            satisfied, what=f"device {phone.address} to change", timeout_s=WAIT_S
+        )
+        return found
 
     async def wait_available(self) -> None:
         for phone in self.phones:

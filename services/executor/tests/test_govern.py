@@ -29,6 +29,7 @@ from stepline.common import jetstream
 from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings
 from stepline.common.plan import plan
+from stepline.common.testing import eventually
 from stepline.executor.govern import late_cancel
 from stepline.executor.ledger import Ledger
 from stepline.executor.runner import Worker
@@ -200,11 +201,10 @@ class Gates:
         return int(info.state.messages)
 
     async def until_jobs_left(self, count: int) -> None:
-        async with asyncio.timeout(WAIT_S):
-            while True:
-                if await self.jobs_left() == count:
-                    return
-                await asyncio.sleep(0.05)
+        async def left() -> bool:
+            return await self.jobs_left() == count
+
+        await eventually(left, what=f"{count} job(s) left in the stream", timeout_s=WAIT_S)
 
     async def start(
         self, definition: W.WorkflowDefinition, inputs: dict[str, Any], **labels: str

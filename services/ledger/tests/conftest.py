@@ -101,18 +101,24 @@ async def running_run(ledger: Ledger, request_id: str) -> tuple[str, int]:
     return run_id, epoch
 
 
+def task_request(
+    run_id: str, epoch: int, step: str, state: int, request_id: str = "", **fields: Any
+) -> pb.TransitionTaskRequest:
+    """A transition of task ``step`` of the run to ``state`` (request id: from the
+    three, unless given)."""
+    return pb.TransitionTaskRequest(
+        request_id=request_id or f"{run_id}-{step}-{state}",
+        run_id=run_id,
+        task_id=f"{run_id}/{step}",
+        epoch=epoch,
+        actor=ACTOR,
+        state=state,  # type: ignore[arg-type]
+        **fields,
+    )
+
+
 async def move_task(
     ledger: Ledger, run_id: str, epoch: int, step: str, state: int, **fields: Any
 ) -> None:
-    """Move task ``step`` of the run to ``state`` (request id from the three)."""
-    await ledger.store.transition_task(
-        pb.TransitionTaskRequest(
-            request_id=f"{run_id}-{step}-{state}",
-            run_id=run_id,
-            task_id=f"{run_id}/{step}",
-            epoch=epoch,
-            actor=ACTOR,
-            state=state,  # type: ignore[arg-type]
-            **fields,
-        )
-    )
+    """Move task ``step`` of the run to ``state``."""
+    await ledger.store.transition_task(task_request(run_id, epoch, step, state, **fields))

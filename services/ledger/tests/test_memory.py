@@ -16,23 +16,10 @@ from stepline.common.errors import Aborted, FailedPrecondition
 from stepline.ledger.committer import UnitOperation, _grouped
 from stepline.ledger.unit import WINDOW, StepMemory, StepUnit, TaskTransition, _RunRows
 
-from .conftest import ACTOR, EXECUTOR, Ledger, claimed_run, running_run
+from .conftest import ACTOR, EXECUTOR, Ledger, claimed_run, running_run, task_request
 
 T = common_pb2.TaskRunState
 RUNNING, SUCCEEDED = T.TASK_RUN_STATE_RUNNING, T.TASK_RUN_STATE_SUCCEEDED
-
-
-def request(
-    run_id: str, epoch: int, step: str, state: int, request_id: str = ""
-) -> pb.TransitionTaskRequest:
-    return pb.TransitionTaskRequest(
-        request_id=request_id or f"{step}:{state}",
-        run_id=run_id,
-        task_id=f"{run_id}/{step}",
-        epoch=epoch,
-        actor=ACTOR,
-        state=state,  # type: ignore[arg-type]
-    )
 
 
 class NoConnection:
@@ -58,7 +45,7 @@ async def test_a_remembered_run_is_moved_without_a_read(ledger: Ledger) -> None:
     run_id, epoch = await running_run(ledger, "mem-1")
     memory = StepMemory()
     async with ledger.pool.acquire() as conn:
-        first = [TaskTransition(request(run_id, epoch, "a", RUNNING))]
+        first = [TaskTransition(task_request(run_id, epoch, "a", RUNNING))]
         unit = await StepUnit.load(conn, first, memory)
         assert not unit.remembers
         first[0].apply(unit)
@@ -67,8 +54,8 @@ async def test_a_remembered_run_is_moved_without_a_read(ledger: Ledger) -> None:
         # The run and its unfinished tasks are remembered, read once.
         assert set(memory.runs[run_id].tasks) == {f"{run_id}/{s}" for s in "abc"}
         later = [
-            TaskTransition(request(run_id, epoch, "a", SUCCEEDED)),
-            TaskTransition(request(run_id, epoch, "b", RUNNING)),
+            TaskTransition(task_request(run_id, epoch, "a", SUCCEEDED)),
+            TaskTransition(task_request(run_id, epoch, "b", RUNNING)),
         ]
         unit = await StepUnit.load(NoConnection(), later, memory)  # type: ignore[arg-type]
         assert unit.remembers
@@ -94,46 +81,50 @@ async def test_a_remembered_run_is_moved_without_a_read(ledger: Ledger) -> None:
 async def test_replays_on_remembered_rows_answer_as_a_fresh_read_would(ledger: Ledger) -> None:
     run_id, epoch = await running_run(ledger, "mem-2")
     store = ledger.store
-    started = await store.transition_task(request(run_id, epoch, "a", RUNNING, "start-a"))
+    started = await store.transition_task(task_request(run_id, epoch, "a", RUNNING, "start-a"))
     # The run moves on (a parallel branch), so a replay answered from the
     # remembered rows would show a later sequence than the stored response.
-    await store.transition_task(request(run_id, epoch, "b", RUNNING, "start-b"))
+    await store.transition_task(task_request(run_id, epoch, "b", RUNNING, "start-b"))
     count = len(await events_of(ledger, run_id))
     # RUNNING again under the same request id: the stored response, nothing written.
-    assert await store.transition_task(request(run_id, epoch, "a", RUNNING, "start-a")) == started
+    assert (
+        await store.transition_task(task_request(run_id, epoch, "a", RUNNING, "start-a")) == started
+    )
     assert not await ledger.pool.fetchval(
         "SELECT count(*) FROM requests WHERE request_id = 'start-a'"
     )
     # The same request id for another change: refused.
-    changed = request(run_id, epoch, "a", RUNNING, "start-a")
+    changed = task_request(run_id, epoch, "a", RUNNING, "start-a")
     changed.output.update({"x": 1})
     with pytest.raises(Aborted):
         await store.transition_task(changed)
     assert len(await events_of(ledger, run_id)) == count
-    ended = await store.transition_task(request(run_id, epoch, "a", SUCCEEDED, "end-a"))
-    assert await store.transition_task(request(run_id, epoch, "a", SUCCEEDED, "end-a")) == ended
+    ended = await store.transition_task(task_request(run_id, epoch, "a", SUCCEEDED, "end-a"))
+    assert (
+        await store.transition_task(task_request(run_id, epoch, "a", SUCCEEDED, "end-a")) == ended
+    )
 
 
 async def test_a_reused_request_id_that_looks_new_is_refused(ledger: Ledger) -> None:
     run_id, epoch = await running_run(ledger, "mem-3")
     store = ledger.store
-    await store.transition_task(request(run_id, epoch, "a", RUNNING, "x"))
-    await store.transition_task(request(run_id, epoch, "a", SUCCEEDED, "y"))
+    await store.transition_task(task_request(run_id, epoch, "a", RUNNING, "x"))
+    await store.transition_task(task_request(run_id, epoch, "a", SUCCEEDED, "y"))
     count = len(await events_of(ledger, run_id))
     # Valid on the remembered rows, but "x" was used: its first event's id exists.
     with pytest.raises(Aborted, match="request_id"):
-        await store.transition_task(request(run_id, epoch, "b", RUNNING, "x"))
+        await store.transition_task(task_request(run_id, epoch, "b", RUNNING, "x"))
     assert (await task_states(ledger, run_id))["b"] == T.TASK_RUN_STATE_PENDING
     assert len(await events_of(ledger, run_id)) == count
     # The run moves on.
-    moved = await store.transition_task(request(run_id, epoch, "b", RUNNING, "z"))
+    moved = await store.transition_task(task_request(run_id, epoch, "b", RUNNING, "z"))
     assert moved.task.state == RUNNING
 
 
 async def remembered_run(ledger: Ledger, name: str) -> tuple[str, int]:
     """A running run whose task ``a`` was started (so its shard remembers it)."""
     run_id, epoch = await running_run(ledger, name)
-    await ledger.store.transition_task(request(run_id, epoch, "a", RUNNING))
+    await ledger.store.transition_task(task_request(run_id, epoch, "a", RUNNING))
     return run_id, epoch
 
 
@@ -148,7 +139,7 @@ async def test_another_writer_since_the_run_was_remembered(
     )
     bumped = await ledger.pool.fetchval("SELECT last_sequence FROM runs WHERE run_id = $1", run_id)
     with caplog.at_level(logging.WARNING, logger="stepline.ledger.committer"):
-        ended = await store.transition_task(request(run_id, epoch, "a", SUCCEEDED))
+        ended = await store.transition_task(task_request(run_id, epoch, "a", SUCCEEDED))
     # Refused by the write's guard, then applied on a fresh read.
     assert "retrying singly" in caplog.text
     assert ended.task.state == SUCCEEDED
@@ -182,8 +173,8 @@ async def test_other_operations_on_the_run_make_it_read_afresh(
     assert new_epoch == epoch + 1
     with caplog.at_level(logging.WARNING, logger="stepline.ledger.committer"):
         with pytest.raises(FailedPrecondition, match="epoch"):
-            await store.transition_task(request(run_id, epoch, "a", SUCCEEDED))
-        ended = await store.transition_task(request(run_id, new_epoch, "a", SUCCEEDED, "new"))
+            await store.transition_task(task_request(run_id, epoch, "a", SUCCEEDED))
+        ended = await store.transition_task(task_request(run_id, new_epoch, "a", SUCCEEDED, "new"))
     assert ended.task.state == SUCCEEDED
     # Settled without a refused write: the claim's change was not taken from memory.
     assert "retrying singly" not in caplog.text
@@ -198,7 +189,7 @@ async def test_a_run_longer_than_the_window(ledger: Ledger) -> None:
     )
     for step in steps:
         for state in (RUNNING, SUCCEEDED):
-            response = await ledger.store.transition_task(request(run_id, epoch, step, state))
+            response = await ledger.store.transition_task(task_request(run_id, epoch, step, state))
             assert response.task.state == state
     assert set((await task_states(ledger, run_id)).values()) == {SUCCEEDED}
     numbers = await events_of(ledger, run_id)
@@ -213,7 +204,7 @@ async def test_many_runs_moved_concurrently_keep_gapless_logs(
     async def drive(run_id: str, epoch: int) -> None:
         for step in "abc":
             for state in (RUNNING, SUCCEEDED):
-                await ledger.store.transition_task(request(run_id, epoch, step, state))
+                await ledger.store.transition_task(task_request(run_id, epoch, step, state))
 
     await asyncio.gather(*(drive(run_id, epoch) for run_id, epoch in runs))
     for run_id, _ in runs:

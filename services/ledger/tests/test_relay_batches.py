@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -19,7 +20,13 @@ from nats.js.errors import APIError
 
 from stepline.api.common.v1 import common_pb2, run_pb2
 from stepline.api.events.v1 import events_pb2
-from stepline.common.jetstream import CONTENT_TYPE_HEADER, MSG_ID_HEADER, Streams, ensure_streams
+from stepline.common.jetstream import (
+    CONTENT_TYPE_HEADER,
+    MSG_ID_HEADER,
+    Streams,
+    content_type,
+    ensure_streams,
+)
 from stepline.ledger import convert
 from stepline.ledger.events import EventLog, payload_struct
 from stepline.ledger.relay import EventRelay, pending_count
@@ -159,6 +166,25 @@ async def test_an_event_too_large_to_send_stops_its_run_for_the_pass(
         published.append((event.run_id, event.sequence))
     # rb's next event went out; none of ra's after the one not sent.
     assert published == [("ra", 1), ("rb", 1), ("rb", 2)]
+
+
+async def test_the_size_checked_is_the_size_the_server_counts(
+    ledger: Ledger, nats_client: NATS, streams: Streams
+) -> None:
+    """An event the relay finds exactly at the server's limit, headers included
+    (the expected stream's too), is taken by the server."""
+    js = nats_client.jetstream()
+    await ensure_streams(js, streams)
+    limit = nats_client.max_payload
+    relay = EventRelay(pool=ledger.pool, js=js, streams=streams, max_payload=limit)
+    event_id = str(uuid.uuid4())
+    data = b"x" * (limit - relay.message_size(b"", event_id))
+    assert relay.message_size(data, event_id) == limit
+    headers = {MSG_ID_HEADER: event_id, CONTENT_TYPE_HEADER: content_type(events_pb2.Event)}
+    ack = await js.publish(
+        streams.subject("events", "run", "r1"), data, stream=streams.events, headers=headers
+    )
+    assert ack.stream == streams.events
 
 
 class FakeJetStream:

@@ -14,6 +14,7 @@ from stepline.common.errors import Aborted, FailedPrecondition, InvalidArgument,
 from stepline.ledger import queries, states
 from stepline.ledger.relay import pending_count
 
+from . import conftest
 from .conftest import ACTOR, EXECUTOR, OPERATOR, Ledger, claimed_run, create_request
 
 R = common_pb2.WorkflowRunState
@@ -43,14 +44,8 @@ def run_request(run_id: str, epoch: int, state: int, **extra: object) -> pb.Tran
 
 
 def task_request(run_id: str, epoch: int, step: str, state: int) -> pb.TransitionTaskRequest:
-    request = pb.TransitionTaskRequest(
-        request_id=rid(),
-        run_id=run_id,
-        task_id=f"{run_id}/{step}",
-        epoch=epoch,
-        actor=ACTOR,
-        state=state,  # type: ignore[arg-type]
-    )
+    """A new request (its own id) with the failure that ``state`` needs."""
+    request = conftest.task_request(run_id, epoch, step, state, rid())
     if state in states.NEEDS_FAILURE_TASK:
         request.failure.CopyFrom(FAILURE)
     return request

@@ -12,20 +12,9 @@ from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.errors import FailedPrecondition
 from stepline.ledger.unit import ATTEMPT_COLUMNS, StepMemory, StepUnit, TaskTransition
 
-from .conftest import ACTOR, Ledger, claimed_run
+from .conftest import ACTOR, Ledger, claimed_run, task_request
 
 T = common_pb2.TaskRunState
-
-
-def task_request(run_id: str, epoch: int, step: str, state: int) -> pb.TransitionTaskRequest:
-    return pb.TransitionTaskRequest(
-        request_id=f"{run_id}/{step}:{state}",
-        run_id=run_id,
-        task_id=f"{run_id}/{step}",
-        epoch=epoch,
-        actor=ACTOR,
-        state=state,  # type: ignore[arg-type]
-    )
 
 
 async def test_attempt_columns_match_the_table(ledger: Ledger) -> None:

@@ -40,6 +40,11 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 CONTENT_TYPE_HEADER = "Content-Type"
 
 
+def content_type(message_type: type[Message]) -> str:
+    """The Content-Type header of a message carrying a ``message_type``."""
+    return f"application/protobuf; proto={message_type.DESCRIPTOR.full_name}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Streams:
     """Names of Stepline's streams and subjects, optionally namespaced by ``prefix``."""
@@ -155,7 +160,7 @@ async def publish_proto(
         raise InvalidArgument("msg_id is required for a deduplicated publish")
     headers = {
         MSG_ID_HEADER: msg_id,
-        CONTENT_TYPE_HEADER: f"application/protobuf; proto={message.DESCRIPTOR.full_name}",
+        CONTENT_TYPE_HEADER: content_type(type(message)),
     }
     return await js.publish(
         subject, message.SerializeToString(), timeout=timeout_s, headers=headers

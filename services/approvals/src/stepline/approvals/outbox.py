@@ -44,14 +44,14 @@ from stepline.common.errors import (
     NotFound,
     SteplineError,
 )
-from stepline.common.jetstream import CONTENT_TYPE_HEADER, MSG_ID_HEADER, Streams
+from stepline.common.jetstream import CONTENT_TYPE_HEADER, MSG_ID_HEADER, Streams, content_type
 
 if TYPE_CHECKING:
     from stepline.api.ledger.v1.ledger_pb2_grpc import LedgerServiceAsyncStub
 
 log = logging.getLogger(__name__)
 
-_EVENT_CONTENT_TYPE = f"application/protobuf; proto={events_pb2.Event.DESCRIPTOR.full_name}"
+_EVENT_CONTENT_TYPE = content_type(events_pb2.Event)
 _EVENTS_LOCK_SQL = (
     "SELECT pg_try_advisory_xact_lock(hashtext('stepline:approvals-events:' || current_schema()))"
 )

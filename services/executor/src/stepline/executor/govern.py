@@ -316,9 +316,6 @@ class Gate:
         )
         self.state = state
 
-    async def _write_run(self, state: int, key: str, reason: str) -> None:
-        await write_run(self.ex.fence, state, key, reason)
-
     # --- hold_device: waiting under the claim -------------------------------------
 
     async def _hold(self, approvals: Approvals, approval: apb.Approval) -> apb.Approval | Halt:
@@ -327,14 +324,18 @@ class Gate:
         is cancelled: it goes from SUSPENDED to CANCELLED)."""
         approval_id = approval.approval_id
         log.info("waiting for approval %s under the claim (hold_device)", approval_id)
-        await self._write_run(R.WORKFLOW_RUN_STATE_SUSPENDED, f"{approval_id}:held", "suspended")
+        await write_run(
+            self.ex.fence, R.WORKFLOW_RUN_STATE_SUSPENDED, f"{approval_id}:held", "suspended"
+        )
         outcome = await self._wait(approvals, approval_id)
         control = self.ex.control
         if outcome == "lost":
             return Halt("lost")
         if outcome == "cancel":  # SUSPENDED -> CANCELLED; the ledger cancels the task with it
             return Halt("cancel", failure(F.FAILURE_REASON_CANCELLED, control.reason))
-        await self._write_run(R.WORKFLOW_RUN_STATE_RUNNING, f"{approval_id}:woken", "resumed")
+        await write_run(
+            self.ex.fence, R.WORKFLOW_RUN_STATE_RUNNING, f"{approval_id}:woken", "resumed"
+        )
         if isinstance(outcome, apb.Approval):
             return outcome
         if outcome == "deadline":

@@ -148,13 +148,16 @@ class GroupCommitter:
         self._max_batch = max_batch
         self.on_commit = on_commit
         self._shards = [_Shard() for _ in range(shards)]
-        self.shard_count = shards
         self._workers: list[asyncio.Task[None]] = []
         self.batches = 0
         self.operations = 0
         # Keys of operations applied alone, in flight: one at a time per key.
         self._alone: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._alone_slots = asyncio.Semaphore(MAX_ALONE)
+
+    @property
+    def shard_count(self) -> int:
+        return len(self._shards)
 
     async def start(self) -> None:
         for index, shard in enumerate(self._shards):

@@ -79,9 +79,10 @@ from typing import Any
 import asyncpg
 from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
+from nats.js.api import Header
 
 from stepline.api.events.v1 import events_pb2
-from stepline.common.jetstream import CONTENT_TYPE_HEADER, MSG_ID_HEADER, Streams
+from stepline.common.jetstream import CONTENT_TYPE_HEADER, MSG_ID_HEADER, Streams, content_type
 from stepline.ledger.events import published_event, subject_kind
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ _PENDING_SQL = (
     "SELECT count(*) FROM events e, relay_position p"
     " WHERE (e.xid, e.run_id, e.sequence) > (p.xid, p.run_id, p.sequence)"
 )
-_CONTENT_TYPE = f"application/protobuf; proto={events_pb2.Event.DESCRIPTOR.full_name}"
+_CONTENT_TYPE = content_type(events_pb2.Event)
 
 Cursor = tuple[str, str, int]  # (xid, run_id, sequence) of the last event published
 
@@ -195,7 +196,15 @@ class EventRelay:
         self.publish_timeout_s = publish_timeout_s
         self._after_publish = after_publish
         self.max_payload = max_payload
-        self._events_stream = streams.events
+        # The headers of every event but its id, as the client sends them: ours,
+        # and the expected stream that publish_async adds.
+        self._header_base = _header_bytes(
+            {
+                MSG_ID_HEADER: "",
+                CONTENT_TYPE_HEADER: _CONTENT_TYPE,
+                Header.EXPECTED_STREAM: streams.events,
+            }
+        )
         # Subject of an event type, up to the run id: stepline.events.<kind>.
         self._subject_prefixes: dict[int, str] = {}
         self._conn: asyncpg.Connection | None = None
@@ -324,12 +333,12 @@ class EventRelay:
         stopped: set[str] = set()  # runs with an event not sent
         prefixes = self._subject_prefixes
         publish = self._js.publish_async
-        stream = self._events_stream
+        stream = self._streams.events
         limit = self.max_payload
         try:
             for index, row in enumerate(rows):
                 run_id = row["run_id"]
-                if stopped and run_id in stopped:
+                if run_id in stopped:
                     continue
                 type_ = row["type"]
                 prefix = prefixes.get(type_)
@@ -341,13 +350,15 @@ class EventRelay:
                 headers = {MSG_ID_HEADER: event_id, CONTENT_TYPE_HEADER: _CONTENT_TYPE}
                 try:
                     if limit is not None:
-                        size = len(data) + _header_bytes(headers)
+                        size = self.message_size(data, event_id)
                         if size > limit:
                             raise EventTooLarge(event_id, size, limit)
                     future = await publish(prefix + run_id, data, stream=stream, headers=headers)
                 except Exception as exc:
                     if failure is None:
                         failure = exc
+                    if not isinstance(exc, MaxPayloadError):
+                        break  # the connection's trouble: every later publish meets it too
                     stopped.add(run_id)
                     continue
                 sent.append((index, event_id, future))
@@ -356,6 +367,11 @@ class EventRelay:
                 future.cancel()
             raise
         return sent, failure
+
+    def message_size(self, data: bytes, event_id: str) -> int:
+        """What the server counts against its max_payload for an event: its
+        serialised ``data`` and the headers sent with it."""
+        return len(data) + self._header_base + len(event_id)
 
     async def _await_acks(
         self, sent: list[tuple[int, str, asyncio.Future[Any]]]

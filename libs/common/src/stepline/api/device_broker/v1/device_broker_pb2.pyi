@@ -766,8 +766,9 @@ class LeaseSessionRequest(_message.Message):
     @_builtins.property
     def max_wait(self) -> _duration_pb2.Duration:
         """How long a lease may wait for a free device; unset: the broker's maximum
-        (a unary Lease waits until its call's deadline instead). Never past the
-        stream's deadline. Ignored by Renew and Release; must not be negative.
+        (a unary Lease waits until its call's deadline instead); zero: not at all
+        (a free device, or DEADLINE_EXCEEDED at once). Never past the stream's
+        deadline. Ignored by Renew and Release; must not be negative.
         """
 
     def __init__(

@@ -224,9 +224,8 @@ class LedgerServiceServicer:
     def ApplyTransitions(self, request, context):
         """Applies several task, chunk and run transitions, of one run or many, in
         one call: each exactly as TransitionTask, TransitionChunk or TransitionRun
-        would (its own
-        validation, fencing and idempotency; concurrent ones share commits) and
-        answered on its own, so a refused item leaves the others applied. Items
+        would (its own validation, fencing and idempotency; concurrent ones share
+        commits) and answered on its own, so a refused item leaves the others applied. Items
         are independent; those of one run are applied in request order. An
         executor sends the transitions of all the runs it holds this way.
         """

@@ -70,9 +70,8 @@ class LedgerServiceStub:
     ApplyTransitions: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ApplyTransitionsRequest, _ledger_pb2.ApplyTransitionsResponse]
     """Applies several task, chunk and run transitions, of one run or many, in
     one call: each exactly as TransitionTask, TransitionChunk or TransitionRun
-    would (its own
-    validation, fencing and idempotency; concurrent ones share commits) and
-    answered on its own, so a refused item leaves the others applied. Items
+    would (its own validation, fencing and idempotency; concurrent ones share
+    commits) and answered on its own, so a refused item leaves the others applied. Items
     are independent; those of one run are applied in request order. An
     executor sends the transitions of all the runs it holds this way.
     """
@@ -153,9 +152,8 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     ApplyTransitions: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ApplyTransitionsRequest, _ledger_pb2.ApplyTransitionsResponse]  # type: ignore[assignment]
     """Applies several task, chunk and run transitions, of one run or many, in
     one call: each exactly as TransitionTask, TransitionChunk or TransitionRun
-    would (its own
-    validation, fencing and idempotency; concurrent ones share commits) and
-    answered on its own, so a refused item leaves the others applied. Items
+    would (its own validation, fencing and idempotency; concurrent ones share
+    commits) and answered on its own, so a refused item leaves the others applied. Items
     are independent; those of one run are applied in request order. An
     executor sends the transitions of all the runs it holds this way.
     """
@@ -293,9 +291,8 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ledger_pb2.ApplyTransitionsResponse, _abc.Awaitable[_ledger_pb2.ApplyTransitionsResponse]]:
         """Applies several task, chunk and run transitions, of one run or many, in
         one call: each exactly as TransitionTask, TransitionChunk or TransitionRun
-        would (its own
-        validation, fencing and idempotency; concurrent ones share commits) and
-        answered on its own, so a refused item leaves the others applied. Items
+        would (its own validation, fencing and idempotency; concurrent ones share
+        commits) and answered on its own, so a refused item leaves the others applied. Items
         are independent; those of one run are applied in request order. An
         executor sends the transitions of all the runs it holds this way.
         """

@@ -10,9 +10,12 @@ import pytest
 from stepline.api.common.v1 import common_pb2, run_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.errors import Aborted, FailedPrecondition, InvalidArgument
+from stepline.common.testing import eventually
+from stepline.ledger.committer import GroupCommitter
 from stepline.ledger.relay import pending_count
+from stepline.ledger.store import LedgerStore
 
-from .conftest import ACTOR, Ledger, claimed_run, create_request
+from .conftest import ACTOR, EXECUTOR, Ledger, claimed_run, create_request
 
 R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
@@ -46,7 +49,16 @@ async def test_create_run_is_idempotent(ledger: Ledger) -> None:
     again = await ledger.store.create_run(create_request("same"))
     assert not again.created
     assert again.run.run_id == first.run.run_id
+    assert [t.task_id for t in again.run.tasks] == [t.task_id for t in first.run.tasks]
     assert await _counts(ledger.pool) == before
+
+
+async def test_a_replayed_creation_answers_the_run_as_it_is_now(ledger: Ledger) -> None:
+    run_id, _ = await claimed_run(ledger, "same")
+    again = await ledger.store.create_run(create_request("same"))
+    assert not again.created
+    assert again.run.run_id == run_id
+    assert again.run.claim.executor_id == EXECUTOR
 
 
 async def test_concurrent_identical_creations_make_one_run(ledger: Ledger) -> None:
@@ -58,10 +70,43 @@ async def test_concurrent_identical_creations_make_one_run(ledger: Ledger) -> No
     assert (await _counts(ledger.pool))["runs"] == 1
 
 
-async def test_a_creation_does_not_wait_for_the_shards(ledger: Ledger) -> None:
-    """A run's creation is applied beside the committer's shards: a shard busy
-    with a long batch does not hold it up."""
+async def test_identical_creations_on_two_replicas_make_one_run(ledger: Ledger) -> None:
+    """Two ledger replicas (each its own committer) get the same CreateRun at
+    once: both pass any look for an earlier one before either inserts, and the
+    second's insert waits for the first's. One creates, the other replays."""
+    other = GroupCommitter(ledger.pool)
+    await other.start()
+    replicas = (ledger.store, LedgerStore(ledger.pool, other))
+    try:
+        async with ledger.pool.acquire() as blocker, blocker.transaction():
+            # creations wait for this lock as they begin to write
+            await blocker.execute("LOCK TABLE runs IN SHARE MODE")
+            creations = [
+                asyncio.create_task(store.create_run(create_request("same"))) for store in replicas
+            ]
+
+            async def both_waiting() -> bool:
+                waiting = await ledger.pool.fetchval(
+                    "SELECT count(*) FROM pg_locks"
+                    " WHERE NOT granted AND relation = 'runs'::regclass"
+                )
+                return bool(waiting == 2)
+
+            await eventually(both_waiting, timeout_s=30, what="both creations waiting")
+        responses = await asyncio.gather(*creations)
+    finally:
+        await other.close()
+    assert len({r.run.run_id for r in responses}) == 1
+    assert sorted(r.created for r in responses) == [False, True]
+    assert (await _counts(ledger.pool))["runs"] == 1
+
+
+@pytest.mark.parametrize("write", ["create", "claim"])
+async def test_a_run_s_first_writes_do_not_wait_for_the_shards(ledger: Ledger, write: str) -> None:
+    """A run's creation and its claim are applied beside the committer's shards:
+    shards busy with long batches do not hold them up."""
     committer = ledger.store.committer
+    run_id = (await ledger.store.create_run(create_request("early"))).run.run_id
     release, all_held = asyncio.Event(), asyncio.Event()
     busy = 0
 
@@ -76,8 +121,15 @@ async def test_a_creation_does_not_wait_for_the_shards(ledger: Ledger) -> None:
     holders = [asyncio.create_task(committer.submit(f"key-{n}", hold)) for n in range(64)]
     try:
         await asyncio.wait_for(all_held.wait(), 30)
-        created = await asyncio.wait_for(ledger.store.create_run(create_request()), 30)
-        assert created.created
+        if write == "create":
+            created = await asyncio.wait_for(ledger.store.create_run(create_request()), 30)
+            assert created.created
+        else:
+            claim = pb.ClaimRunRequest(
+                request_id="c", run_id=run_id, executor_id=EXECUTOR, start=True
+            )
+            claimed = await asyncio.wait_for(ledger.store.claim_run(claim), 30)
+            assert claimed.run.state == R.WORKFLOW_RUN_STATE_RUNNING
         assert busy == committer.shard_count  # every shard still held meanwhile
     finally:
         release.set()

@@ -16,8 +16,14 @@ a shard's *memory* between batches, so that a later batch on the same runs
 reads nothing before its write: every other operation forgets its key (run)
 there before and after it runs, and a failed batch clears the shard's memory.
 
-A run's creation is the exception (:meth:`GroupCommitter.apply_alone`): it is
-applied beside the shards, in a transaction of its own.
+A run's creation and a run's claim are the exceptions
+(:meth:`GroupCommitter.apply_alone`): they are applied beside the shards, each
+in a transaction of its own, and a claim forgets its run in the shard's
+memory. Each is a run's first write on an executor's path (StartRun → job →
+claim → first step), and in a shard's batch its several statements held up
+every other run of the batch. A shard's batch that meets such a write on the
+same run is guarded as against a write of another replica (the run's
+``last_sequence``; see :mod:`stepline.ledger.unit`).
 
 If a statement fails mid-batch, the transaction is rolled back and each
 operation of the batch is retried alone, so one bad write never takes others
@@ -110,8 +116,11 @@ class _Shard:
         """Forget the keys of the batch's other operations in every memory."""
         for operation, _, key in batch:
             if not isinstance(operation, UnitOperation):
-                for memory in self.memories.values():
-                    memory.forget(key)
+                self.forget_key(key)
+
+    def forget_key(self, key: str) -> None:
+        for memory in self.memories.values():
+            memory.forget(key)
 
     def clear(self) -> None:
         for memory in self.memories.values():
@@ -178,32 +187,38 @@ class GroupCommitter:
         if not self._workers:
             raise Unavailable("the ledger is not accepting writes")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        shard = self._shards[zlib.crc32(key.encode()) % len(self._shards)]
-        shard.queue.put_nowait((operation, future, key))
+        self._shard(key).queue.put_nowait((operation, future, key))
         return await future
 
     async def apply_alone(
         self, key: str, operation: Callable[[asyncpg.Connection], Awaitable[T]]
     ) -> T:
-        """Apply ``operation`` in a transaction of its own on a pool connection,
-        beside the shards: for a large write that nothing else of its run can be
-        waiting on (a run's creation), which would hold up a shard's batch.
-        Operations of one ``key`` are applied one at a time, and at most
-        :data:`MAX_ALONE` at once (they draw on the pool that queries use)."""
+        """Apply ``operation`` on a pool connection of its own, beside the shards:
+        for a write that nothing else of its run is waiting behind (a run's
+        creation, its claim), which would hold up a shard's batch. The operation
+        opens a transaction if it makes more than one statement. Operations of
+        one ``key`` are applied one at a time, and at most :data:`MAX_ALONE` at
+        once (they draw on the pool that queries use); ``key`` is forgotten in
+        its shard's memory before and after."""
         if not self._workers:
             raise Unavailable("the ledger is not accepting writes")
         lock = self._alone.setdefault(key, asyncio.Lock())
+        shard = self._shard(key)
         async with lock, self._alone_slots, self._pool.acquire() as conn:
+            shard.forget_key(key)
             try:
-                async with conn.transaction():
-                    return await operation(conn)
+                return await operation(conn)
             except asyncpg.SerializationError as exc:
                 raise _conflict(exc) from exc
             finally:
+                shard.forget_key(key)
                 # also when the caller was cancelled, the commit perhaps made: a
                 # wake-up too many costs the relay one pass
                 if self.on_commit is not None:
                     self.on_commit()
+
+    def _shard(self, key: str) -> _Shard:
+        return self._shards[zlib.crc32(key.encode()) % len(self._shards)]
 
     async def _work(self, shard: _Shard) -> None:
         conn: asyncpg.Connection | None = None
@@ -293,6 +308,18 @@ class GroupCommitter:
 
 
 _Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+def in_transaction(
+    operation: Callable[[asyncpg.Connection], Awaitable[T]],
+) -> Callable[[asyncpg.Connection], Awaitable[T]]:
+    """``operation`` in a transaction of its own (for :meth:`GroupCommitter.apply_alone`)."""
+
+    async def applied(conn: asyncpg.Connection) -> T:
+        async with conn.transaction():
+            return await operation(conn)
+
+    return applied
 
 
 def _conflict(exc: asyncpg.SerializationError) -> Aborted:

@@ -68,8 +68,19 @@ EVENT_COLUMNS = (
     "request_fingerprint",
     "response",
 )
+_STORED_COLUMNS = ", ".join(c for c in EVENT_COLUMNS if c != "xid")
 _FINGERPRINT = EVENT_COLUMNS.index("request_fingerprint")
 _RESPONSE = EVENT_COLUMNS.index("response")
+
+
+def insert_events(param: str, *, where: str = "") -> str:
+    """SQL that appends the events of ``param``, an ``events[]`` parameter of
+    :meth:`EventLog.event_rows` (``where``: a condition on appending them)."""
+    condition = f" WHERE {where}" if where else ""
+    return (
+        f"INSERT INTO events ({_STORED_COLUMNS})"
+        f" SELECT {_STORED_COLUMNS} FROM unnest({param}::events[]){condition}"
+    )
 
 
 # uuid.uuid4() and uuid.uuid5() as text, without building UUID objects (several
@@ -234,13 +245,9 @@ _cached_payload_struct = functools.lru_cache(maxsize=1024)(_payload_struct)
 # one (another ledger replica's, committed while this one waited for the run's
 # lock) makes it fail with serialization_failure, to be retried: the relay
 # publishes in transaction order, so a run's events must be appended in it too.
-_FLUSH_SQL = """
+_FLUSH_SQL = f"""
 WITH new_events AS (
-    INSERT INTO events (run_id, sequence, event_id, type, actor_id, actor_roles, time,
-                        task_id, chunk_id, payload, envelope, request_fingerprint, response)
-    SELECT run_id, sequence, event_id, type, actor_id, actor_roles, time,
-           task_id, chunk_id, payload, envelope, request_fingerprint, response
-    FROM unnest($2::events[])
+    {insert_events("$2")}
 ), new_request AS (
     INSERT INTO requests (method, request_id, fingerprint, response)
     SELECT $4, $5, $6, $7 WHERE $4::text IS NOT NULL

@@ -33,6 +33,7 @@ from stepline.common.errors import (
     SteplineError,
     status_number,
 )
+from stepline.common.requests import fingerprint
 from stepline.ledger import artifacts, convert, states
 from stepline.ledger.checks import (
     APPROVAL_STATES,
@@ -53,8 +54,8 @@ from stepline.ledger.checks import (
     text,
     validate_step_change,
 )
-from stepline.ledger.committer import GroupCommitter
-from stepline.ledger.events import EventLog
+from stepline.ledger.committer import GroupCommitter, in_transaction
+from stepline.ledger.events import EventLog, insert_events
 from stepline.ledger.unit import ChunkTransition, TaskTransition, failure_dict
 
 R = common_pb2.WorkflowRunState
@@ -147,26 +148,48 @@ class LedgerStore:
                 raise InvalidArgument(f"tasks[{index}].kind {task.kind} is not a StepKind")
             paths.add(task.step_path)
 
+        run_id = str(uuid.uuid4())
+        timeout = definition.run_timeout.ToTimedelta().total_seconds() or None
+        tasks = [
+            (
+                f"{run_id}/{t.step_path}",
+                t.step_id,
+                t.step_path,
+                ordinal,
+                int(t.kind),
+                t.verb,
+                t.child_workflow_version,
+            )
+            for ordinal, t in enumerate(request.tasks)
+        ]
+        log = EventLog(run_id, 0)
+        log.add(
+            E.RUN_EVENT_TYPE_RUN_CREATED,
+            request.initiator,
+            payload={
+                "workflow_name": definition.name,
+                "workflow_version": definition.version,
+                "tasks": len(request.tasks),
+                "request_id": request.request_id,
+            },
+            typed=(
+                "run_state_changed",
+                events_pb2.RunStateChanged(
+                    workflow_name=definition.name,
+                    workflow_version=definition.version,
+                    to_state=R.WORKFLOW_RUN_STATE_PENDING,
+                    parent_run_id=request.parent_run_id,
+                ),
+            ),
+        )
+        # What a replay finds: the run's id (it answers with the run as it is then).
+        stored = pb.CreateRunResponse(run=run_pb2.WorkflowRun(run_id=run_id))
+
         async def operation(conn: asyncpg.Connection) -> pb.CreateRunResponse:
-            earlier = await replayed(conn, request, pb.CreateRunResponse)
-            if earlier is not None:
-                earlier.created = False
-                return earlier
-            run_id = str(uuid.uuid4())
-            timeout = definition.run_timeout.ToTimedelta().total_seconds() or None
-            tasks = [
-                (
-                    f"{run_id}/{t.step_path}",
-                    t.step_id,
-                    t.step_path,
-                    ordinal,
-                    int(t.kind),
-                    t.verb,
-                    t.child_workflow_version,
-                )
-                for ordinal, t in enumerate(request.tasks)
-            ]
-            # The run, its tasks and their read for the response: one statement.
+            # The idempotency record, the run, its tasks, its first event and
+            # their read for the response: one statement, its own transaction. A
+            # request id already recorded (also by a concurrent creation, on any
+            # replica: the insert waits for it to commit) inserts nothing.
             row = await conn.fetchrow(
                 _CREATE_RUN_SQL,
                 run_id,
@@ -184,32 +207,20 @@ class LedgerStore:
                 request.schedule_id or None,
                 timeout,
                 *(list(column) for column in zip(*tasks, strict=True)),
+                log.event_rows(),
+                request.DESCRIPTOR.name,
+                fingerprint(request),
+                stored.SerializeToString(),
             )
-            log = EventLog(run_id, 0)
-            log.add(
-                E.RUN_EVENT_TYPE_RUN_CREATED,
-                request.initiator,
-                payload={
-                    "workflow_name": definition.name,
-                    "workflow_version": definition.version,
-                    "tasks": len(request.tasks),
-                    "request_id": request.request_id,
-                },
-                typed=(
-                    "run_state_changed",
-                    events_pb2.RunStateChanged(
-                        workflow_name=definition.name,
-                        workflow_version=definition.version,
-                        to_state=R.WORKFLOW_RUN_STATE_PENDING,
-                        parent_run_id=request.parent_run_id,
-                    ),
-                ),
-            )
-            response = pb.CreateRunResponse(
-                run=run_from_row(row, view=run_pb2.RUN_VIEW_TASKS), created=True
-            )
-            await log.flush(conn, request=request, response=response)
-            return response
+            if row is not None:
+                return pb.CreateRunResponse(
+                    run=run_from_row(row, view=run_pb2.RUN_VIEW_TASKS), created=True
+                )
+            earlier = await replayed(conn, request, pb.CreateRunResponse)
+            if earlier is None:  # its record was removed in between
+                raise Aborted(f"request_id {request.request_id!r} changed concurrently, retry")
+            run = await read_run(conn, earlier.run.run_id, view=run_pb2.RUN_VIEW_TASKS)
+            return pb.CreateRunResponse(run=run, created=False)
 
         # A new run: nothing else of it can be queued yet, and its rows (every
         # task) would hold up a shard's batch.
@@ -300,7 +311,9 @@ class LedgerStore:
             await log.flush(conn, request=request, response=response)
             return response
 
-        return await self.committer.submit(request.run_id, operation)
+        if request.chunk_id:  # an executor's claims of one run's chunks share batches
+            return await self.committer.submit(request.run_id, operation)
+        return await self.committer.apply_alone(request.run_id, in_transaction(operation))
 
     async def renew_claim(self, request: pb.RenewClaimRequest) -> pb.RenewClaimResponse:
         require(request.request_id, "request_id")
@@ -1179,11 +1192,17 @@ _READ_RUN_TASKS_SQL = f"SELECT r.*, {_RUN_TASK_PARTS} FROM runs r WHERE r.run_id
 _RUN_STATE_TASKS_SQL = f"{_RUN_STATE_SQL}, {_RUN_TASK_PARTS}"
 # Tasks are new: no attempts, chunks or artifacts yet.
 _CREATE_RUN_SQL = f"""
-WITH r AS (
+WITH q AS (
+    INSERT INTO requests (method, request_id, fingerprint, response)
+    VALUES ($23, $2, $24, $25)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+), r AS (
     INSERT INTO runs (run_id, request_id, workflow_name, workflow_version,
         definition, state, inputs, labels, initiator_id, initiator_roles,
-        parent_run_id, parent_task_id, schedule_id, run_timeout_s)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+        parent_run_id, parent_task_id, schedule_id, run_timeout_s, last_sequence)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, cardinality($22::events[])
+    WHERE EXISTS (SELECT FROM q)
     RETURNING *
 ), t AS (
     INSERT INTO tasks (task_id, run_id, step_id, step_path, ordinal, kind, verb, state,
@@ -1193,7 +1212,10 @@ WITH r AS (
     FROM unnest($15::text[], $16::text[], $17::text[], $18::int[], $19::smallint[],
         $20::text[], $21::bigint[])
         AS x(task_id, step_id, step_path, ordinal, kind, verb, child_workflow_version)
+    WHERE EXISTS (SELECT FROM q)
     RETURNING *
+), e AS (
+    {insert_events("$22", where="EXISTS (SELECT FROM q)")}
 )
 SELECT r.*, (SELECT array_agg(t::tasks ORDER BY t.ordinal) FROM t) AS read_tasks,
     NULL::attempts[] AS read_attempts, NULL::json AS read_counts, NULL::json AS read_artifacts

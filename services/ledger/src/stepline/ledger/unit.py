@@ -68,7 +68,7 @@ from stepline.ledger import convert, states
 from stepline.ledger.artifacts import DESCRIPTION_COLUMNS
 from stepline.ledger.checks import check_claim, earlier_response
 from stepline.ledger.committer import UnitOperation
-from stepline.ledger.events import EventLog, name_based_id
+from stepline.ledger.events import EventLog, insert_events, name_based_id
 
 T = common_pb2.TaskRunState
 E = run_pb2.RunEventType
@@ -894,7 +894,7 @@ SELECT json_agg(x) FROM (
     GROUP BY ch.task_id, ch.state, tk.chunks_complete) x
 """
 
-_FLUSH_SQL = """
+_FLUSH_SQL = f"""
 WITH up_runs AS (
     UPDATE runs r SET last_sequence = x.last_sequence, update_time = x.update_time
     FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $12::bigint[])
@@ -915,11 +915,7 @@ WITH up_runs AS (
     ON CONFLICT (owner_id, attempt_number) DO UPDATE SET state = excluded.state,
         end_time = excluded.end_time, failure = excluded.failure
 ), new_events AS (
-    INSERT INTO events (run_id, sequence, event_id, type, actor_id, actor_roles, time,
-                        task_id, chunk_id, payload, envelope, request_fingerprint, response)
-    SELECT run_id, sequence, event_id, type, actor_id, actor_roles, time,
-           task_id, chunk_id, payload, envelope, request_fingerprint, response
-    FROM unnest($7::events[])
+    {insert_events("$7")}
 ), new_requests AS (
     INSERT INTO requests (method, request_id, fingerprint, response)
     SELECT * FROM unnest($8::text[], $9::text[], $10::text[], $11::bytea[])

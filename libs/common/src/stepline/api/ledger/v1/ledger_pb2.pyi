@@ -193,7 +193,9 @@ class CreateRunResponse(_message.Message):
     """
     @_builtins.property
     def run(self) -> _run_pb2.WorkflowRun:
-        """The run with its tasks (RUN_VIEW_TASKS)."""
+        """The run with its tasks (RUN_VIEW_TASKS): as created, or for a replay as
+        it is now.
+        """
 
     def __init__(
         self,

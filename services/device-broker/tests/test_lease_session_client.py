@@ -21,6 +21,8 @@ from stepline.common.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
     Unavailable,
 )
 from stepline.common.lease_session import LeaseSession
@@ -188,3 +190,20 @@ async def test_close_fails_what_is_pending(broker_mesh: MeshFactory, phones: Pho
         await mesh.wait_waiters(0)
         await mesh.release(held)
         await mesh.wait_state(phone.address, AVAILABLE)
+
+
+async def test_a_refused_session_raises_the_broker_s_refusal(
+    broker_mesh: MeshFactory, phones: PhoneFactory
+) -> None:
+    """The client writes only once the broker has said the session is open: a
+    write racing the refusal would end the call with the client library's own
+    INTERNAL status, and the caller would see Unavailable instead of why."""
+    (phone,) = phones(1)
+    async with broker_mesh(cleanup_profiles=NO_CLEANUP) as mesh:
+        await mesh.wait_available([phone.address])
+        for stub, error in ((mesh.operator, PermissionDenied), (mesh.anonymous, Unauthenticated)):
+            for attempt in range(40):
+                async with LeaseSession(stub) as session:
+                    with pytest.raises(error):
+                        await session.lease(lease_request(request_id=f"r{attempt}"), timeout_s=10)
+        assert (await mesh.device(phone.address)).state == AVAILABLE

@@ -56,6 +56,12 @@ DEADLINE_MARGIN_S = 5.0
 #: :meth:`LeaseSession.lease` ``timeout_s=max_wait_s + ANSWER_MARGIN_S`` to get
 #: the broker's own answer (DEADLINE_EXCEEDED, with its explanation)
 ANSWER_MARGIN_S = 5.0
+#: the initial metadata by which the broker says a session is open (sent before
+#: any answer): the client writes only after it, since a write racing the
+#: refusal of a session would end the call with the gRPC library's own INTERNAL
+#: status instead of the broker's (PERMISSION_DENIED, UNAUTHENTICATED)
+SESSION_OPEN = ("stepline-lease-session", "open")
+_REFUSAL_WAIT_S = 0.5
 #: statuses that end a stream for a reason a new stream would not cure: the
 #: caller's own error, not :class:`Unavailable`
 _FINAL = frozenset(
@@ -239,7 +245,16 @@ class LeaseSession:
             stream.outbox.put_nowait(None)
 
     async def _write(self, stream: _Stream) -> None:
-        """Send the queued requests one at a time; None: done writing."""
+        """Once the broker has opened the session, send the queued requests one at
+        a time; None: done writing."""
+        opened = await stream.call.initial_metadata()
+        if opened.get(SESSION_OPEN[0]) != SESSION_OPEN[1]:
+            # Refused, its status on the way; or a broker that predates the
+            # marker, whose session stays open.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(stream.call.code()), _REFUSAL_WAIT_S)
+            if stream.call.done():
+                return  # the reader says why
         while (message := await stream.outbox.get()) is not None:
             kind = message.WhichOneof("request")
             future = stream.pending.get(getattr(message, str(kind)).request_id)

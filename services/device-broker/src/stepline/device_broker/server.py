@@ -31,6 +31,7 @@ from stepline.common import adb, jetstream
 from stepline.common.auth import Principal, current_principal, require_role
 from stepline.common.db import create_pool, load_migrations
 from stepline.common.errors import InvalidArgument, status_of
+from stepline.common.lease_session import SESSION_OPEN
 from stepline.common.server import GrpcHost, serving, wait_until_stopped
 from stepline.device_broker.broker import Broker, seconds
 from stepline.device_broker.config import DeviceBrokerSettings
@@ -93,6 +94,7 @@ class DeviceBrokerServicer(device_broker_pb2_grpc.DeviceBrokerServiceServicer):
         client closes its side, the requests in flight are answered first; when
         the call is cancelled, they are cancelled with it."""
         actor = require_role(*HOLDER_ROLES)
+        await context.send_initial_metadata((SESSION_OPEN,))  # see SESSION_OPEN
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining - DEADLINE_MARGIN_S
         answers: asyncio.Queue[pb.LeaseSessionResponse | None] = asyncio.Queue()

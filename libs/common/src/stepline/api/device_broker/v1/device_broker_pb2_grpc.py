@@ -144,8 +144,11 @@ class DeviceBrokerServiceServicer:
         Each request is answered on the stream as its own RPC would answer it, in
         the order the answers are ready (a Lease may wait for a device while later
         requests are answered): match answers by request_id. Authorization is that
-        of the unary RPCs (role service or admin), checked when the stream opens.
-        An error answers its request only; the stream stays open. When the client
+        of the unary RPCs (role service or admin), checked when the stream opens;
+        once it passes, the broker sends the initial metadata
+        `stepline-lease-session: open` before any answer. Write only after it: a
+        write racing a refused stream may end the call with the gRPC library's own
+        status instead of the broker's. An error answers its request only; the stream stays open. When the client
         closes its side, the requests in flight are answered, then the stream ends;
         when the call is cancelled, waiting Leases are abandoned.
         """

@@ -279,7 +279,7 @@ class Broker:
             if (
                 waiter.selector.matches(entry)
                 and not waiter.future.done()
-                and not waiter.handing_over
+                and waiter.handover is None
             ):
                 return waiter
         return None
@@ -320,10 +320,10 @@ class Broker:
             self._waiters[waiter] = None
             try:
                 await asyncio.wait({future}, timeout=remaining)
-                if not future.done() and waiter.handing_over:
+                if not future.done() and waiter.handover is not None:
                     # Its statement is in flight: wait for it to settle (it sets
                     # the answer if it granted; if not, the deadline has passed).
-                    await waiter.handed.wait()
+                    await waiter.handover.wait()
             except asyncio.CancelledError:
                 self._abandon(waiter)
                 raise
@@ -507,8 +507,7 @@ class Broker:
         if waiter is not None:
             # marked now, not in the task below: a release served before that
             # task starts must not pick the same waiter
-            waiter.handing_over = True
-            waiter.handed.clear()
+            waiter.handover = asyncio.Event()
             return await shielded(self._hand_over(entry, live, request, waiter, actor))
         return await shielded(
             self._release(
@@ -564,8 +563,8 @@ class Broker:
         waiter: Waiter,
         actor: Principal,
     ) -> pb.ReleaseResponse:
-        """Release ``live`` and grant its device to ``waiter`` (marked
-        ``handing_over`` by the caller) in one statement. If that statement
+        """Release ``live`` and grant its device to ``waiter`` (whose
+        ``handover`` the caller set) in one statement. If that statement
         changes nothing or fails, the release goes the usual way and the waiter
         stays in line (a failed grant is then its own)."""
         lease_id = str(uuid.uuid4())
@@ -583,8 +582,9 @@ class Broker:
             log.info("handing device %s over failed (%s); releasing it", entry.serial, exc)
             granted = None
         finally:
-            waiter.handing_over = False
-            waiter.handed.set()
+            assert waiter.handover is not None
+            waiter.handover.set()
+            waiter.handover = None
         if granted is None:
             return await self._release(
                 entry, live, request, next_state=AVAILABLE, reason="released", actor=actor

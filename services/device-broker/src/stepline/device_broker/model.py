@@ -176,10 +176,9 @@ class Waiter:
     ask: Ask
     future: asyncio.Future[Entry | pb.LeaseResponse]
     since: float = field(default_factory=time.monotonic)
-    #: a release is handing its device over to this call (statement in flight)
-    handing_over: bool = False
-    #: set when that hand-over has settled, granted or not
-    handed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: while a release hands its device over to this call (statement in
+    #: flight): an event set when that hand-over settles, granted or not
+    handover: asyncio.Event | None = None
 
     @property
     def selector(self) -> Selector:

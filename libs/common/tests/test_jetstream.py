@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import nats.errors
 import pytest
 from google.protobuf.struct_pb2 import Struct
 from nats.js.api import RetentionPolicy
@@ -14,8 +16,10 @@ from stepline.common.jetstream import (
     Streams,
     ensure_pull_consumer,
     ensure_streams,
+    parse_or_term,
     publish_proto,
 )
+from stepline.common.testing import eventually
 
 
 async def test_streams_are_created_once_and_updated_in_place(
@@ -64,6 +68,40 @@ async def test_pull_consumer_receives_the_protobuf_and_its_id(
     assert received.headers is not None
     assert received.headers[MSG_ID_HEADER] == "r-9:1"
     await received.ack()
+
+
+async def test_an_unreadable_message_is_terminated_and_never_delivered_again(
+    nats_client: Any, streams: Streams, caplog: pytest.LogCaptureFixture
+) -> None:
+    js = nats_client.jetstream()
+    await ensure_streams(js, streams)
+    ack_wait_s = 0.5  # an unanswered message would come back this soon
+    await ensure_pull_consumer(js, stream=streams.jobs, durable="executors", ack_wait_s=ack_wait_s)
+    subject = streams.subject("jobs", "run")
+    garbled = await js.publish(subject, b"\xff not a protobuf")
+    message = Struct()
+    message.update({"run_id": "r-3"})
+    await publish_proto(js, subject, message, msg_id="r-3:1")
+    sub = await js.pull_subscribe_bind("executors", streams.jobs)
+    first, second = await sub.fetch(2, timeout=5)
+
+    with caplog.at_level(logging.ERROR, logger="stepline.common.jetstream"):
+        assert await parse_or_term(first, Struct, what="job") is None
+    assert f"unreadable job on {subject}; dropped" in caplog.messages
+    readable = await parse_or_term(second, Struct, what="job")
+    assert readable is not None and readable["run_id"] == "r-3"
+    await second.ack()
+
+    async def settled() -> bool:
+        info = await js.consumer_info(streams.jobs, "executors")
+        return bool(info.ack_floor.stream_seq == garbled.seq + 1 and not info.num_ack_pending)
+
+    await eventually(settled, what="both messages answered")
+    with pytest.raises(nats.errors.TimeoutError):  # nothing came back after ack_wait
+        await sub.fetch(1, timeout=3 * ack_wait_s)
+    info = await js.consumer_info(streams.jobs, "executors")
+    assert info.num_redelivered == 0
+    assert info.delivered.consumer_seq == info.delivered.stream_seq == garbled.seq + 1
 
 
 async def test_publish_without_an_id_is_refused(nats_client: Any, streams: Streams) -> None:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TypeVar
 
 import nats
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 CONTENT_TYPE_HEADER = "Content-Type"
+
+M = TypeVar("M", bound=Message)
 
 
 def content_type(message_type: type[Message]) -> str:
@@ -165,3 +169,17 @@ async def publish_proto(
     return await js.publish(
         subject, message.SerializeToString(), timeout=timeout_s, headers=headers
     )
+
+
+async def parse_or_term(msg: Msg, message_type: type[M], *, what: str) -> M | None:
+    """The ``message_type`` that ``msg`` carries; or, if its data is unreadable,
+    None after logging the drop (``what`` names the message: "job", "event")
+    and terminating ``msg``, so that JetStream never delivers it again."""
+    message = message_type()
+    try:
+        message.ParseFromString(msg.data)
+    except DecodeError:
+        log.error("unreadable %s on %s; dropped", what, msg.subject)
+        await msg.term()
+        return None
+    return message

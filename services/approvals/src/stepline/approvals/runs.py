@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from datetime import UTC
 
 import nats.errors
-from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -105,12 +104,8 @@ class RunEndings:
         """Handle a batch of run events, acking each once handled."""
         endings: list[tuple[Msg, events_pb2.Event]] = []
         for msg in messages:
-            event = events_pb2.Event()
-            try:
-                event.ParseFromString(msg.data)
-            except DecodeError:
-                log.error("unreadable event on %s; dropped", msg.subject)
-                await msg.term()
+            event = await jetstream.parse_or_term(msg, events_pb2.Event, what="event")
+            if event is None:
                 continue
             if (
                 event.WhichOneof("payload") == "run_state_changed"

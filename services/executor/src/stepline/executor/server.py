@@ -98,12 +98,8 @@ class JobLoop:
         self.worker.capacity_changed.set()
 
     async def handle(self, msg: Msg, control: Control) -> None:
-        job = events_pb2.RunJob()
-        try:
-            job.ParseFromString(msg.data)
-        except Exception:
-            log.error("unreadable job on %s; dropped", msg.subject)
-            await msg.term()
+        job = await jetstream.parse_or_term(msg, events_pb2.RunJob, what="job")
+        if job is None:
             return
         delivered = msg.metadata.num_delivered if msg.metadata else 0
         executor = self.worker.settings.executor_id

@@ -130,12 +130,8 @@ class ApprovalListener:
             await subscription.unsubscribe()
 
     async def handle(self, msg: Msg) -> None:
-        event = events_pb2.Event()
-        try:
-            event.ParseFromString(msg.data)
-        except Exception:
-            log.error("unreadable event on %s; dropped", msg.subject)
-            await msg.term()
+        event = await jetstream.parse_or_term(msg, events_pb2.Event, what="event")
+        if event is None:
             return
         if not event.HasField("approval_decided") or not event.run_id:
             await msg.ack()

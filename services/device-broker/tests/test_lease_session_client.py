@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
@@ -207,3 +209,34 @@ async def test_a_refused_session_raises_the_broker_s_refusal(
                     with pytest.raises(error):
                         await session.lease(lease_request(request_id=f"r{attempt}"), timeout_s=10)
         assert (await mesh.device(phone.address)).state == AVAILABLE
+
+
+class _BrokerWithoutMarker(device_broker_pb2_grpc.DeviceBrokerServiceServicer):
+    """A broker from before SESSION_OPEN: it sends nothing before its first answer."""
+
+    async def LeaseSession(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[pb.LeaseSessionRequest], context: object
+    ) -> AsyncIterator[pb.LeaseSessionResponse]:
+        async for request in request_iterator:
+            yield pb.LeaseSessionResponse(
+                request_id=request.lease.request_id,
+                error=pb.LeaseSessionError(
+                    code=grpc.StatusCode.FAILED_PRECONDITION.value[0], message="no devices here"
+                ),
+            )
+
+
+async def test_a_broker_without_the_open_marker_is_still_served() -> None:
+    server = grpc.aio.server()
+    device_broker_pb2_grpc.add_DeviceBrokerServiceServicer_to_server(_BrokerWithoutMarker(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = device_broker_pb2_grpc.DeviceBrokerServiceStub(channel)
+            async with LeaseSession(stub) as session:  # type: ignore[arg-type]
+                # written after a short wait for the marker, not held until timeout_s
+                with pytest.raises(FailedPrecondition, match="no devices here"):
+                    await session.lease(lease_request(request_id="old"), timeout_s=10)
+    finally:
+        await server.stop(None)

@@ -61,7 +61,8 @@ ANSWER_MARGIN_S = 5.0
 #: refusal of a session would end the call with the gRPC library's own INTERNAL
 #: status instead of the broker's (PERMISSION_DENIED, UNAUTHENTICATED)
 SESSION_OPEN = ("stepline-lease-session", "open")
-_REFUSAL_WAIT_S = 0.5
+#: how long a new stream waits for the broker's SESSION_OPEN before writing anyway
+_OPEN_WAIT_S = 0.5
 #: statuses that end a stream for a reason a new stream would not cure: the
 #: caller's own error, not :class:`Unavailable`
 _FINAL = frozenset(
@@ -247,14 +248,20 @@ class LeaseSession:
     async def _write(self, stream: _Stream) -> None:
         """Once the broker has opened the session, send the queued requests one at
         a time; None: done writing."""
-        opened = await stream.call.initial_metadata()
-        if opened.get(SESSION_OPEN[0]) != SESSION_OPEN[1]:
-            # Refused, its status on the way; or a broker that predates the
-            # marker, whose session stays open.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(stream.call.code()), _REFUSAL_WAIT_S)
-            if stream.call.done():
-                return  # the reader says why
+        try:
+            opened = await asyncio.wait_for(
+                asyncio.shield(stream.call.initial_metadata()), _OPEN_WAIT_S
+            )
+        except TimeoutError:
+            pass  # a broker that predates the marker sends no metadata before an answer
+        else:
+            if opened.get(SESSION_OPEN[0]) != SESSION_OPEN[1]:
+                # Refused, its status on the way (or an older broker that answered
+                # already: nothing is sent before the first request)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(stream.call.code()), _OPEN_WAIT_S)
+                if stream.call.done():
+                    return  # the reader says why
         while (message := await stream.outbox.get()) is not None:
             kind = message.WhichOneof("request")
             future = stream.pending.get(getattr(message, str(kind)).request_id)

@@ -16,7 +16,7 @@ a shard's *memory* between batches, so that a later batch on the same runs
 reads nothing before its write: every other operation forgets its key (run)
 there before and after it runs, and a failed batch clears the shard's memory.
 
-A run's creation and a run's claim are the exceptions
+A run's creation and the claim of a whole run are the exceptions
 (:meth:`GroupCommitter.apply_alone`): they are applied beside the shards, each
 in a transaction of its own, and a claim forgets its run in the shard's
 memory. Each is a run's first write on an executor's path (StartRun → job →

@@ -32,8 +32,9 @@ Exactly-once publication
 
 Order
     A run's events are appended in the order of their transactions' xids: a
-    ledger applies a run's writes one batch at a time, and a write that waited
-    for a run's lock while another replica appended to its log is refused and
+    ledger applies a run's shard writes one batch at a time, and a write that
+    waited for a run's lock while another transaction (another replica's, or a
+    claim applied beside the shards) appended to its log is refused and
     retried (``ledger_check_append_order``; a transition's guard on the run's
     ``last_sequence`` refuses it too). So the cursor's order is each run's
     sequence order. A pass sends its events back to back in that order on the

@@ -162,30 +162,30 @@ class LedgerStore:
             )
             for ordinal, t in enumerate(request.tasks)
         ]
-        log = EventLog(run_id, 0)
-        log.add(
-            E.RUN_EVENT_TYPE_RUN_CREATED,
-            request.initiator,
-            payload={
-                "workflow_name": definition.name,
-                "workflow_version": definition.version,
-                "tasks": len(request.tasks),
-                "request_id": request.request_id,
-            },
-            typed=(
-                "run_state_changed",
-                events_pb2.RunStateChanged(
-                    workflow_name=definition.name,
-                    workflow_version=definition.version,
-                    to_state=R.WORKFLOW_RUN_STATE_PENDING,
-                    parent_run_id=request.parent_run_id,
-                ),
-            ),
-        )
         # What a replay finds: the run's id (it answers with the run as it is then).
         stored = pb.CreateRunResponse(run=run_pb2.WorkflowRun(run_id=run_id))
 
         async def operation(conn: asyncpg.Connection) -> pb.CreateRunResponse:
+            log = EventLog(run_id, 0)  # its time: once the creation's turn came
+            log.add(
+                E.RUN_EVENT_TYPE_RUN_CREATED,
+                request.initiator,
+                payload={
+                    "workflow_name": definition.name,
+                    "workflow_version": definition.version,
+                    "tasks": len(request.tasks),
+                    "request_id": request.request_id,
+                },
+                typed=(
+                    "run_state_changed",
+                    events_pb2.RunStateChanged(
+                        workflow_name=definition.name,
+                        workflow_version=definition.version,
+                        to_state=R.WORKFLOW_RUN_STATE_PENDING,
+                        parent_run_id=request.parent_run_id,
+                    ),
+                ),
+            )
             # The idempotency record, the run, its tasks, its first event and
             # their read for the response: one statement, its own transaction. A
             # request id already recorded (also by a concurrent creation, on any

@@ -14,8 +14,9 @@ committer hands each batch of such transitions to a :class:`StepUnit`:
    the idempotency records.
 
 The rows are read without locks: within one ledger process the committer
-already applies a run's writes one batch at a time. Against another writer (a
-second ledger replica) the write is guarded: it applies only where each run's
+applies a run's shard writes one batch at a time. Against another writer (a
+second ledger replica, or a claim this ledger applied beside its shards) the
+write is guarded: it applies only where each run's
 ``last_sequence`` is still the one read, and otherwise aborts as a whole with
 ``serialization_failure`` (every change to a run appends to its event log).
 A batch of N transitions costs at most two round trips, the write being its

@@ -217,8 +217,8 @@ class LedgerStore:
                     run=run_from_row(row, view=run_pb2.RUN_VIEW_TASKS), created=True
                 )
             earlier = await replayed(conn, request, pb.CreateRunResponse)
-            if earlier is None:  # its record was removed in between
-                raise Aborted(f"request_id {request.request_id!r} changed concurrently, retry")
+            # the insert did nothing only because the record exists (never deleted)
+            assert earlier is not None
             run = await read_run(conn, earlier.run.run_id, view=run_pb2.RUN_VIEW_TASKS)
             return pb.CreateRunResponse(run=run, created=False)
 

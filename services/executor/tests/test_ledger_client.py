@@ -25,7 +25,9 @@ async def claimed(mesh: Mesh, ledger: Ledger, count: int) -> list[Fence]:
     fences = []
     for _ in range(count):
         run_id = await mesh.create(workflow(atomic("a", "core.noop")))
-        claim = await ledger.claim(request_id=f"claim-{run_id}", run_id=run_id, lease_s=30)
+        claim = await ledger.claim(
+            request_id=f"claim-{run_id}", run_id=run_id, lease_s=30, first_task=False
+        )
         fences.append(ledger.fence(claim))
     return fences
 
@@ -77,8 +79,9 @@ async def test_a_lone_transition_is_sent_at_once(mesh: Mesh) -> None:
 
 async def test_a_step_end_travels_with_the_next_step_start(mesh: Mesh, database_url: str) -> None:
     """Between two atomic steps, the end of one and the start of the next are
-    one call and one commit (the events of both carry the same xid); the last
-    step's end goes with the run's end and the claim's release."""
+    one call and one commit (the events of both carry the same xid); the first
+    step starts with the run's claim, and the last step's end goes with the
+    run's end and the claim's release."""
     steps = [atomic(name, "core.echo", {"step": name}) for name in ("a", "b", "c")]
     async with mesh.executor():
         run_id = await mesh.start(workflow(*steps))
@@ -93,6 +96,11 @@ async def test_a_step_end_travels_with_the_next_step_start(mesh: Mesh, database_
             " WHERE run_id = $1 AND type = $2 ORDER BY sequence",
             run_id,
             run_pb2.RUN_EVENT_TYPE_TASK_STATE_CHANGED,
+        )
+        claimed = await conn.fetchval(
+            "SELECT xid::text FROM ledger.events WHERE run_id = $1 AND type = $2",
+            run_id,
+            run_pb2.RUN_EVENT_TYPE_CLAIMED,
         )
         last = await conn.fetch(
             "SELECT xid::text AS xid, type FROM ledger.events WHERE run_id = $1"
@@ -116,6 +124,7 @@ async def test_a_step_end_travels_with_the_next_step_start(mesh: Mesh, database_
     xids = [xid for _, _, xid in changes]
     assert xids[1] == xids[2] and xids[3] == xids[4]  # a ends with b's start, b with c's
     assert xids[0] != xids[1] and xids[4] != xids[5]
+    assert xids[0] == claimed  # a's start is the claim's commit
     assert [r["type"] for r in last] == [
         run_pb2.RUN_EVENT_TYPE_CLAIM_RELEASED,
         run_pb2.RUN_EVENT_TYPE_RUN_STATE_CHANGED,

@@ -13,6 +13,7 @@ from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from stepline.ledger import queries, states
 from stepline.ledger.relay import pending_count
+from stepline.ledger.unit import StepMemory, StepUnit
 
 from . import conftest
 from .conftest import ACTOR, EXECUTOR, OPERATOR, Ledger, claimed_run, create_request
@@ -383,6 +384,81 @@ async def test_a_claim_may_start_the_run_in_the_same_commit(ledger: Ledger) -> N
     again = await store.claim_run(claim(waiting, "c3"))
     assert again.run.state == R.WORKFLOW_RUN_STATE_PENDING
     assert again.run.pending_control == run_pb2.CONTROL_ACTION_CANCEL
+
+
+async def test_a_claim_may_start_the_first_task_in_the_same_commit(ledger: Ledger) -> None:
+    store = ledger.store
+
+    def claim(run_id: str, request_id: str, **flags: bool) -> pb.ClaimRunRequest:
+        return pb.ClaimRunRequest(
+            request_id=request_id, run_id=run_id, executor_id=EXECUTOR, **flags
+        )
+
+    run_id = (await store.create_run(create_request("first-1"))).run.run_id
+    request = claim(run_id, "fc1", start=True, start_first_task=True)
+    claimed = await store.claim_run(request)
+    assert claimed.first_task_started
+    first, second = claimed.run.tasks[:2]
+    assert first.step_path == "a" and first.state == T.TASK_RUN_STATE_RUNNING
+    assert first.HasField("start_time")
+    assert [(a.attempt_number, a.state, a.reason) for a in first.attempts] == [
+        (1, T.TASK_RUN_STATE_RUNNING, "initial")
+    ]
+    assert second.state == T.TASK_RUN_STATE_PENDING
+    # Claim, run start and task start: one commit, in this order in the log.
+    rows = await ledger.pool.fetch(
+        "SELECT type, xid::text AS xid, actor_id FROM events"
+        " WHERE run_id = $1 AND sequence > 1 ORDER BY sequence",
+        run_id,
+    )
+    assert [r["type"] for r in rows] == [
+        E.RUN_EVENT_TYPE_CLAIMED,
+        E.RUN_EVENT_TYPE_RUN_STATE_CHANGED,
+        E.RUN_EVENT_TYPE_ATTEMPT_RECORDED,
+        E.RUN_EVENT_TYPE_TASK_STATE_CHANGED,
+    ]
+    assert len({r["xid"] for r in rows}) == 1
+    assert {r["actor_id"] for r in rows} == {EXECUTOR}
+    attempt = await ledger.pool.fetchrow(
+        "SELECT executor_id, claim_epoch, state FROM attempts WHERE task_id = $1", first.task_id
+    )
+    assert tuple(attempt) == (EXECUTOR, claimed.claim.epoch, T.TASK_RUN_STATE_RUNNING)
+    # The run's shard remembers its rows: the holder's next batch reads nothing.
+    remembered = store.committer.memory(run_id, StepUnit)
+    assert isinstance(remembered, StepMemory)
+    assert set(remembered.runs[run_id].tasks) == {t.task_id for t in claimed.run.tasks}
+    # A replay answers the same and writes nothing.
+    before = await _snapshot(ledger, run_id)
+    assert await store.claim_run(request) == claimed
+    assert await _snapshot(ledger, run_id) == before
+    # The holder goes on from there: the first attempt ends, the next step starts.
+    epoch = claimed.claim.epoch
+    ended = await store.transition_task(
+        task_request(run_id, epoch, "a", T.TASK_RUN_STATE_SUCCEEDED)
+    )
+    assert ended.task.attempts[0].state == T.TASK_RUN_STATE_SUCCEEDED
+    await store.transition_task(task_request(run_id, epoch, "b", T.TASK_RUN_STATE_RUNNING))
+    sequences = [
+        r["sequence"]
+        for r in await ledger.pool.fetch(
+            "SELECT sequence FROM events WHERE run_id = $1 ORDER BY sequence", run_id
+        )
+    ]
+    assert sequences == list(range(1, len(sequences) + 1))
+    assert (await _snapshot(ledger, run_id))[1] == sequences[-1]
+
+    # Not started: a first step that is not atomic, or a claim that does not
+    # start the run.
+    chunked = (await store.create_run(create_request("first-2", chunked="a"))).run.run_id
+    claimed = await store.claim_run(claim(chunked, "fc2", start=True, start_first_task=True))
+    assert claimed.run.state == R.WORKFLOW_RUN_STATE_RUNNING
+    assert not claimed.first_task_started
+    assert {t.state for t in claimed.run.tasks} == {T.TASK_RUN_STATE_PENDING}
+    plain = (await store.create_run(create_request("first-3"))).run.run_id
+    claimed = await store.claim_run(claim(plain, "fc3", start_first_task=True))
+    assert claimed.run.state == R.WORKFLOW_RUN_STATE_PENDING
+    assert not claimed.first_task_started
+    assert {t.state for t in claimed.run.tasks} == {T.TASK_RUN_STATE_PENDING}
 
 
 async def test_a_task_transition_reports_the_pending_pause(ledger: Ledger) -> None:

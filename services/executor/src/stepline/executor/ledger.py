@@ -198,7 +198,11 @@ class Ledger:
         lease_s: float,
         dispatch_epoch: int = 0,
         chunk_id: str = "",
+        first_task: bool = True,
     ) -> pb.ClaimRunResponse:
+        """Claim a run or one of its chunks. A PENDING run starts with its claim,
+        and so does its first task if atomic, unless not ``first_task`` (see
+        ``Execution.opened``)."""
         return await self.call(
             self.stub.ClaimRun,
             pb.ClaimRunRequest(
@@ -208,7 +212,8 @@ class Ledger:
                 executor_id=self.executor_id,
                 lease_duration=duration(lease_s),
                 dispatch_epoch=dispatch_epoch,
-                start=not chunk_id,  # a PENDING run starts with its claim
+                start=not chunk_id,
+                start_first_task=first_task and not chunk_id,
             ),
         )
 

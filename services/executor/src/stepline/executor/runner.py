@@ -145,6 +145,8 @@ async def execute_claimed(
     fence = worker.ledger.fence(claim)
     fence.on_control = control.apply
     execution = Execution(worker, fence, claim.run, control, deadline=deadline)
+    if claim.first_task_started:
+        execution.opened = claim.run.tasks[0].task_id
     try:
         async with worker.hold(fence, control, beat):
             return await execution.run()
@@ -185,6 +187,10 @@ class Execution:
         # call and one commit, when nothing happens between them (see _may_carry).
         self.carry: pb.StepTransition | None = None
         self._carry_step = ""  # the step whose end may be carried
+        # The task whose first attempt the claim started (ClaimRun's
+        # start_first_task): it runs without a start of its own, and no step
+        # boundary comes before it.
+        self.opened = ""
 
     @property
     def run_id(self) -> str:
@@ -256,7 +262,7 @@ class Execution:
                 T.TASK_RUN_STATE_SUSPENDED,  # a GOVERN step waiting for its decision
             ):
                 return Halt("failed", task.failure, task.state)
-            halt = self.boundary()
+            halt = None if task.task_id == self.opened else self.boundary()
             if halt is None and siblings_failed is not None and siblings_failed.is_set():
                 halt = Halt("skipped")
             if halt is None:
@@ -351,9 +357,13 @@ class Execution:
         task: run_pb2.TaskRun,
         call: Callable[[int], Awaitable[Any]],
     ) -> tuple[Any, Halt | None]:
-        first = await start(
-            target, step, task, pause_policy=self.pause_policy, after=self.take_carry()
-        )
+        if task.task_id == self.opened:
+            self.opened = ""
+            first: int | Halt = 1  # started with the claim
+        else:
+            first = await start(
+                target, step, task, pause_policy=self.pause_policy, after=self.take_carry()
+            )
         if isinstance(first, Halt):
             return None, first
         return await run_attempts(

@@ -217,6 +217,11 @@ class GroupCommitter:
                 if self.on_commit is not None:
                     self.on_commit()
 
+    def memory(self, key: str, unit_type: Any) -> Memory:
+        """What ``unit_type`` keeps in ``key``'s shard (to keep there the rows of a
+        unit applied beside the shards, after its commit)."""
+        return self._shard(key).memory(unit_type)
+
     def _shard(self, key: str) -> _Shard:
         return self._shards[zlib.crc32(key.encode()) % len(self._shards)]
 

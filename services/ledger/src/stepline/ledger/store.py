@@ -56,7 +56,14 @@ from stepline.ledger.checks import (
 )
 from stepline.ledger.committer import GroupCommitter, in_transaction
 from stepline.ledger.events import EventLog, insert_events
-from stepline.ledger.unit import ChunkTransition, TaskTransition, failure_dict
+from stepline.ledger.unit import (
+    ChunkTransition,
+    StepMemory,
+    StepUnit,
+    TaskTransition,
+    failure_dict,
+    start_first_task,
+)
 
 R = common_pb2.WorkflowRunState
 T = common_pb2.TaskRunState
@@ -238,10 +245,12 @@ class LedgerStore:
             max_s=self.max_lease_s,
         )
 
-        async def operation(conn: asyncpg.Connection) -> pb.ClaimRunResponse:
+        async def operation(
+            conn: asyncpg.Connection,
+        ) -> tuple[pb.ClaimRunResponse, StepUnit | None]:
             run, earlier = await lock_run_replaying(conn, request, pb.ClaimRunResponse)
             if earlier is not None:
-                return earlier
+                return earlier, None
             claimable = await _claimable(conn, run, request.chunk_id)
             target, what = claimable.row, claimable.what
             if request.chunk_id and target["state"] in states.TASK_TERMINAL:
@@ -276,6 +285,7 @@ class LedgerStore:
                 payload={"epoch": new.epoch, "expire_time": new.expire.isoformat()},
             )
             full = run_pb2.RUN_VIEW_FULL
+            first: StepUnit | None = None
             if request.chunk_id:
                 await conn.execute(
                     f"UPDATE chunks SET {_SET_CLAIM} WHERE chunk_id = $1", request.chunk_id, *new
@@ -300,6 +310,13 @@ class LedgerStore:
                     with_tasks=True,
                 )
                 response = pb.ClaimRunResponse(run=run_from_row(row, view=full))
+                started = request.start_first_task and start_first_task(
+                    row, log, request_id=f"{request.request_id}/first-task", actor=holder
+                )
+                if started:
+                    first, task = started
+                    response.run.tasks[0].CopyFrom(task.task)
+                    response.first_task_started = True
             else:
                 row = await conn.fetchrow(_CLAIM_RUN_SQL, request.run_id, *new)
                 response = pb.ClaimRunResponse(run=run_from_row(row, view=full))
@@ -308,12 +325,28 @@ class LedgerStore:
                 response.claim.CopyFrom(response.chunk.claim)
             else:
                 response.claim.CopyFrom(response.run.claim)
-            await log.flush(conn, request=request, response=response)
-            return response
+            if first is None:
+                await log.flush(conn, request=request, response=response)
+            else:
+                # One statement writes the claim's events, the task's start and the
+                # record. Without EventLog's append-order check: the run's row is
+                # locked since the claim's first statement, which also took its
+                # transaction id, so no newer transaction has appended to the run.
+                first.record(request, response)
+                await first.flush(conn)
+            return response, first
 
         if request.chunk_id:  # an executor's claims of one run's chunks share batches
-            return await self.committer.submit(request.run_id, operation)
-        return await self.committer.apply_alone(request.run_id, in_transaction(operation))
+            return (await self.committer.submit(request.run_id, operation))[0]
+        response, first = await self.committer.apply_alone(
+            request.run_id, in_transaction(operation)
+        )
+        if first is not None:
+            # The run's next transitions (its holder's) find its rows in their shard.
+            memory = self.committer.memory(request.run_id, StepUnit)
+            assert isinstance(memory, StepMemory)
+            first.remember(memory)
+        return response
 
     async def renew_claim(self, request: pb.RenewClaimRequest) -> pb.RenewClaimResponse:
         require(request.request_id, "request_id")

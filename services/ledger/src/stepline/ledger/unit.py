@@ -84,6 +84,18 @@ ATTEMPT_RECORDED = E.RUN_EVENT_TYPE_ATTEMPT_RECORDED
 TASK_STATE_CHANGED = E.RUN_EVENT_TYPE_TASK_STATE_CHANGED
 CHUNK_STATE_CHANGED = E.RUN_EVENT_TYPE_CHUNK_STATE_CHANGED
 CHUNKED_STEP = workflow_pb2.STEP_KIND_CHUNKED
+ATOMIC_STEP = workflow_pb2.STEP_KIND_ATOMIC
+# The columns of a run's row that units read (the view ``run_claims``).
+RUN_CLAIM_COLUMNS = (
+    "run_id",
+    "state",
+    "claim_executor",
+    "claim_epoch",
+    "claim_expire",
+    "last_sequence",
+    "update_time",
+    "pending_control",
+)
 
 # Column order of the tables written as composite rows (checked by a test).
 ATTEMPT_COLUMNS = (
@@ -343,12 +355,16 @@ class StepUnit:
             memory=memory,
         )
 
-    def remember(self) -> None:
+    def remember(self, memory: StepMemory | None = None) -> None:
         """After the write: keep the runs read as windows in memory (their
-        unfinished tasks), update the remembered ones, forget the others."""
-        memory = self._memory
+        unfinished tasks), update the remembered ones, forget the others.
+        ``memory``: where, if not the unit's own (a shard's, for a unit that
+        was applied beside the shards)."""
+        memory = memory or self._memory
         if memory is None:
             return
+        if memory.db_now is None:  # a unit built from memory alone reads this clock
+            memory.db_now, memory.mono = self._db_now, self._mono
         if not self._windows:
             for run_id in self.runs:
                 memory.forget(run_id)
@@ -438,6 +454,20 @@ class StepUnit:
     def chunk_counts(self, task_id: str) -> run_pb2.ChunkCounts:
         rows = [{"state": s, "n": n} for s, n in self.counts.get(task_id, Counter()).items()]
         return convert.chunk_counts(rows, complete=self.complete.get(task_id, False))
+
+    def follow(self, log: EventLog) -> None:
+        """Write ``log``, another operation's events on one of the unit's runs in
+        the same transaction, with the unit's (the unit's come after them)."""
+        self.runs[log.run_id]["last_sequence"] = log.last_sequence
+        self._dirty_runs.add(log.run_id)
+        self._logs.insert(0, log)
+
+    def record(self, request: Message, response: Message) -> None:
+        """Write the idempotency record of another operation's ``request`` (in
+        ``requests``) with the unit's changes."""
+        request_id: str = request.request_id  # type: ignore[attr-defined]
+        body = response.SerializeToString()
+        self._requests.append((request.DESCRIPTOR.name, request_id, fingerprint(request), body))
 
     def commit(
         self, log: EventLog, op: _StepTransition, response: Message, *, now: datetime
@@ -819,6 +849,49 @@ class ChunkTransition(_StepTransition):
             counts=unit.chunk_counts(owner["task_id"]),
             event_sequence=sequence,
         )
+
+
+def start_first_task(
+    row: Any, log: EventLog, *, request_id: str, actor: common_pb2.Principal
+) -> tuple[StepUnit, pb.TransitionTaskResponse] | None:
+    """The start of a just-claimed run's first task, applied in memory.
+
+    ``row`` is the run as its claim's statement left it (locked, its claim's
+    events not written yet: they are in ``log``), with its tasks
+    (``read_tasks``, in plan order; none has started). The run's first task,
+    if it is an atomic step, goes from PENDING to RUNNING with attempt 1,
+    exactly as the holder's ``TransitionTask`` under the new epoch would
+    (request ``request_id``, by ``actor``), in a unit built from those rows
+    that writes the claim's events too, before its own. The caller adds the
+    claim's record (:meth:`StepUnit.record`), flushes the unit in the claim's
+    transaction, and may then keep its rows in a shard's memory
+    (:meth:`StepUnit.remember`). None if the first task is not an atomic step.
+    """
+    tasks = row["read_tasks"] or ()
+    if not tasks or tasks[0]["kind"] != ATOMIC_STEP or tasks[0]["state"] != PENDING:
+        return None
+    first = tasks[0]
+    run = {column: row[column] for column in RUN_CLAIM_COLUMNS}
+    record = dict.fromkeys(_NOTHING)
+    record.update(
+        now=row["start_time"],
+        runs=[run],
+        tasks=[t for t in tasks[:WINDOW] if t["state"] not in states.TASK_TERMINAL],
+    )
+    unit = StepUnit(record, touched={run["run_id"]: [first["task_id"]]}, windows=True)
+    unit.follow(log)
+    start = TaskTransition(
+        pb.TransitionTaskRequest(
+            request_id=request_id,
+            run_id=run["run_id"],
+            task_id=first["task_id"],
+            epoch=run["claim_epoch"],
+            actor=actor,
+            state=RUNNING,
+        )
+    )
+    response: pb.TransitionTaskResponse = start.apply(unit)
+    return unit, response
 
 
 # The rows a batch reads, by parts: $1 run ids, $2 task ids, $3 chunk ids, $4 and

@@ -379,6 +379,7 @@ class ClaimRunRequest(_message.Message):
     LEASE_DURATION_FIELD_NUMBER: _builtins.int
     DISPATCH_EPOCH_FIELD_NUMBER: _builtins.int
     START_FIELD_NUMBER: _builtins.int
+    START_FIRST_TASK_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key (e.g. the job's Nats-Msg-Id and delivery count)."""
     run_id: _builtins.str
@@ -397,6 +398,15 @@ class ClaimRunRequest(_message.Message):
     TransitionRun under the new epoch would; the response's run shows the
     state it is in. Saves the holder a round trip before its first step.
     """
+    start_first_task: _builtins.bool
+    """With start, when this claim starts the run: also start the run's first
+    task (the first step of its definition) if that is an atomic step, moving
+    it from PENDING to RUNNING with attempt 1 in the same commit, as the
+    holder's TransitionTask under the new epoch would (its events follow the
+    run's start in the log). The response says whether it did
+    (first_task_started); the holder then runs that attempt without starting
+    it. Saves the holder a further round trip before its first step.
+    """
     @_builtins.property
     def lease_duration(self) -> _duration_pb2.Duration:
         """Requested claim duration; the server may shorten it."""
@@ -411,10 +421,11 @@ class ClaimRunRequest(_message.Message):
         lease_duration: _duration_pb2.Duration | None = ...,
         dispatch_epoch: _builtins.int = ...,
         start: _builtins.bool = ...,
+        start_first_task: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease_duration", b"lease_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_id", b"chunk_id", "dispatch_epoch", b"dispatch_epoch", "executor_id", b"executor_id", "lease_duration", b"lease_duration", "request_id", b"request_id", "run_id", b"run_id", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_id", b"chunk_id", "dispatch_epoch", b"dispatch_epoch", "executor_id", b"executor_id", "lease_duration", b"lease_duration", "request_id", b"request_id", "run_id", b"run_id", "start", b"start", "start_first_task", b"start_first_task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -429,6 +440,11 @@ class ClaimRunResponse(_message.Message):
     CLAIM_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    FIRST_TASK_STARTED_FIELD_NUMBER: _builtins.int
+    first_task_started: _builtins.bool
+    """True when this claim started the run's first task (start_first_task): its
+    attempt 1 is open under this claim's epoch and is the holder's to run.
+    """
     @_builtins.property
     def claim(self) -> _run_pb2.Claim:
         """The new claim; its epoch must accompany every later write."""
@@ -447,10 +463,11 @@ class ClaimRunResponse(_message.Message):
         claim: _run_pb2.Claim | None = ...,
         run: _run_pb2.WorkflowRun | None = ...,
         chunk: _run_pb2.ChunkRun | None = ...,
+        first_task_started: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "claim", b"claim", "run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "claim", b"claim", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "claim", b"claim", "first_task_started", b"first_task_started", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

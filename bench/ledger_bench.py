@@ -60,6 +60,7 @@ from stepline.common.client import open_channel
 from stepline.common.config import ClientSettings
 from stepline.common.db import create_pool, load_migrations
 from stepline.common.jetstream import Streams, connect
+from stepline.common.main import tune_gc
 from stepline.executor.ledger import TransitionBatcher
 from stepline.ledger.committer import GroupCommitter
 from stepline.ledger.relay import pending_count
@@ -577,4 +578,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    tune_gc()  # the ledger service's own garbage collection settings
     sys.exit(asyncio.run(main()))

@@ -13,7 +13,7 @@ from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from stepline.ledger import queries, states
 from stepline.ledger.relay import pending_count
-from stepline.ledger.unit import StepMemory, StepUnit
+from stepline.ledger.unit import RUN_CLAIM_COLUMNS, StepMemory, StepUnit
 
 from . import conftest
 from .conftest import ACTOR, EXECUTOR, OPERATOR, Ledger, claimed_run, create_request
@@ -459,6 +459,47 @@ async def test_a_claim_may_start_the_first_task_in_the_same_commit(ledger: Ledge
     assert claimed.run.state == R.WORKFLOW_RUN_STATE_PENDING
     assert not claimed.first_task_started
     assert {t.state for t in claimed.run.tasks} == {T.TASK_RUN_STATE_PENDING}
+
+
+async def test_a_claim_starts_no_task_of_a_run_that_ran_before(ledger: Ledger) -> None:
+    """A run put back to PENDING by RerunFrom keeps its tasks' attempts: its
+    claim starts the run only, and the holder's start opens the next attempt."""
+    store = ledger.store
+
+    def claim(request_id: str) -> pb.ClaimRunRequest:
+        return pb.ClaimRunRequest(
+            request_id=request_id,
+            run_id=run_id,
+            executor_id=EXECUTOR,
+            start=True,
+            start_first_task=True,
+        )
+
+    run_id = (await store.create_run(create_request("first-4"))).run.run_id
+    epoch = (await store.claim_run(claim("fc4"))).claim.epoch
+    await store.transition_task(task_request(run_id, epoch, "a", T.TASK_RUN_STATE_FAILED))
+    await store.transition_run(
+        run_request(run_id, epoch, R.WORKFLOW_RUN_STATE_FAILED, release_claim=True)
+    )
+    await store.rerun_from(
+        pb.RerunFromRequest(request_id=rid(), run_id=run_id, step_id="a", actor=OPERATOR)
+    )
+    again = await store.claim_run(claim("fc5"))
+    assert again.run.state == R.WORKFLOW_RUN_STATE_RUNNING
+    assert not again.first_task_started
+    first = again.run.tasks[0]
+    assert first.state == T.TASK_RUN_STATE_PENDING
+    assert [(a.attempt_number, a.state) for a in first.attempts] == [(1, T.TASK_RUN_STATE_FAILED)]
+    started = await store.transition_task(
+        task_request(run_id, again.claim.epoch, "a", T.TASK_RUN_STATE_RUNNING)
+    )
+    assert [a.attempt_number for a in started.task.attempts] == [1, 2]
+
+
+async def test_units_read_the_columns_of_run_claims(ledger: Ledger) -> None:
+    async with ledger.pool.acquire() as conn:
+        statement = await conn.prepare("SELECT * FROM run_claims")
+        assert tuple(a.name for a in statement.get_attributes()) == RUN_CLAIM_COLUMNS
 
 
 async def test_a_task_transition_reports_the_pending_pause(ledger: Ledger) -> None:

@@ -126,6 +126,8 @@ async def execute_run_job(
                 run_id=job.run_id,
                 lease_s=worker.settings.lease_s,
                 dispatch_epoch=job.dispatch_epoch,
+                # a draining executor stops before a run's first step
+                first_task=not control.draining,
             )
         except (NotFound, FailedPrecondition, InvalidArgument) as exc:
             log.info("job dropped: %s", exc)
@@ -189,7 +191,11 @@ class Execution:
         self._carry_step = ""  # the step whose end may be carried
         # The task whose first attempt the claim started (ClaimRun's
         # start_first_task): it runs without a start of its own, and no step
-        # boundary comes before it.
+        # boundary comes before it: like a step already running, it is
+        # interrupted by a cancel or the loss of the claim, and a drain that
+        # began after the claim lets it end (an executor asks for it only when
+        # not draining). A pause or cancel asked for before the claim kept the
+        # ledger from starting it.
         self.opened = ""
 
     @property

@@ -19,11 +19,13 @@ there before and after it runs, and a failed batch clears the shard's memory.
 A run's creation and the claim of a whole run are the exceptions
 (:meth:`GroupCommitter.apply_alone`): they are applied beside the shards, each
 in a transaction of its own, and a claim forgets its run in the shard's
-memory. Each is a run's first write on an executor's path (StartRun → job →
-claim → first step), and in a shard's batch its several statements held up
-every other run of the batch. A shard's batch that meets such a write on the
-same run is guarded as against a write of another replica (the run's
-``last_sequence``; see :mod:`stepline.ledger.unit`).
+memory (one that started the run's first task then leaves there the rows it
+wrote: :meth:`GroupCommitter.memory`). Each is a run's first write on an
+executor's path (StartRun → job → claim → first step), and in a shard's
+batch its several statements held up every other run of the batch. A
+shard's batch that meets such a write on the same run is guarded as against
+a write of another replica (the run's ``last_sequence``; see
+:mod:`stepline.ledger.unit`).
 
 If a statement fails mid-batch, the transaction is rolled back and each
 operation of the batch is retried alone, so one bad write never takes others

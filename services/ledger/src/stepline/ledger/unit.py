@@ -28,9 +28,10 @@ Memory: a committer shard keeps, between batches, the rows of the runs its
 units moved (:class:`StepMemory`: the run's claim row and a window of its
 unfinished tasks, the next :data:`WINDOW` by ordinal, with their attempts and
 artifact descriptions), so a batch of task transitions on remembered runs
-costs one statement, its write. Every other operation on a run forgets it,
-and so does a failed batch; the write's ``last_sequence`` guard refuses what
-another writer changed since.
+costs one statement, its write. Every other operation on a run forgets it
+(but a claim that started the run's first task, :func:`start_first_task`,
+leaves there the rows it wrote), and so does a failed batch; the write's
+``last_sequence`` guard refuses what another writer changed since.
 Remembered rows settle only transitions that they show to be new and valid:
 one that fails, or appends no event (a replay, or a change that may be one),
 makes the batch run again on a fresh read. A replay that looks new appends its
@@ -467,7 +468,11 @@ class StepUnit:
         ``requests``) with the unit's changes."""
         request_id: str = request.request_id  # type: ignore[attr-defined]
         body = response.SerializeToString()
-        self._requests.append((request.DESCRIPTOR.name, request_id, fingerprint(request), body))
+        self._keep_record(request.DESCRIPTOR.name, request_id, fingerprint(request), body)
+
+    def _keep_record(self, method: str, request_id: str, fp: str, body: bytes) -> None:
+        self.replays[(method, request_id)] = (fp, body)
+        self._requests.append((method, request_id, fp, body))
 
     def commit(
         self, log: EventLog, op: _StepTransition, response: Message, *, now: datetime
@@ -486,9 +491,7 @@ class StepUnit:
             log.record_request(fp, body)
             self.recorded[op.event_id] = (fp, body)
         else:
-            request_id: str = op.request.request_id
-            self.replays[(op.method, request_id)] = (fp, body)
-            self._requests.append((op.method, request_id, fp, body))
+            self._keep_record(op.method, op.request.request_id, fp, body)
 
     # --- the step state machine ----------------------------------------------------
 
@@ -858,23 +861,28 @@ def start_first_task(
 
     ``row`` is the run as its claim's statement left it (locked, its claim's
     events not written yet: they are in ``log``), with its tasks
-    (``read_tasks``, in plan order; none has started). The run's first task,
-    if it is an atomic step, goes from PENDING to RUNNING with attempt 1,
-    exactly as the holder's ``TransitionTask`` under the new epoch would
-    (request ``request_id``, by ``actor``), in a unit built from those rows
-    that writes the claim's events too, before its own. The caller adds the
-    claim's record (:meth:`StepUnit.record`), flushes the unit in the claim's
-    transaction, and may then keep its rows in a shard's memory
-    (:meth:`StepUnit.remember`). None if the first task is not an atomic step.
+    (``read_tasks``, in plan order), their attempts and artifacts. Only a
+    fresh run qualifies, one with no attempt yet (not a run put back to
+    PENDING by ``RerunFrom``): its first task, if it is an atomic step, goes
+    from PENDING to RUNNING with attempt 1, exactly as the holder's
+    ``TransitionTask`` under the new epoch would (request ``request_id``, by
+    ``actor``), in a unit built from those rows that writes the claim's
+    events too, before its own. Times are those of the claim's statement
+    (the run's ``update_time``). The caller adds the claim's record
+    (:meth:`StepUnit.record`), flushes the unit in the claim's transaction,
+    and may then keep its rows in a shard's memory (:meth:`StepUnit.remember`).
+    None if the run has attempts or its first task is not an atomic step.
     """
     tasks = row["read_tasks"] or ()
+    if row["read_attempts"] or row["read_artifacts"]:
+        return None
     if not tasks or tasks[0]["kind"] != ATOMIC_STEP or tasks[0]["state"] != PENDING:
         return None
     first = tasks[0]
     run = {column: row[column] for column in RUN_CLAIM_COLUMNS}
     record = dict.fromkeys(_NOTHING)
     record.update(
-        now=row["start_time"],
+        now=row["update_time"],
         runs=[run],
         tasks=[t for t in tasks[:WINDOW] if t["state"] not in states.TASK_TERMINAL],
     )

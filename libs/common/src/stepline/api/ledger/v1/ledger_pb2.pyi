@@ -399,11 +399,12 @@ class ClaimRunRequest(_message.Message):
     state it is in. Saves the holder a round trip before its first step.
     """
     start_first_task: _builtins.bool
-    """With start, when this claim starts the run: also start the run's first
-    task (the first step of its definition) if that is an atomic step, moving
-    it from PENDING to RUNNING with attempt 1 in the same commit, as the
-    holder's TransitionTask under the new epoch would (its events follow the
-    run's start in the log). The response says whether it did
+    """With start, when this claim starts a run that has never run (no attempt
+    yet; not a run put back to PENDING by RerunFrom): also start the run's
+    first task (the first step of its definition) if that is an atomic step,
+    moving it from PENDING to RUNNING with attempt 1 in the same commit, as
+    the holder's TransitionTask under the new epoch would (its events follow
+    the run's start in the log). The response says whether it did
     (first_task_started); the holder then runs that attempt without starting
     it. Saves the holder a further round trip before its first step.
     """

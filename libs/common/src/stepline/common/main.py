@@ -50,10 +50,11 @@ def tune_gc() -> None:
     """Garbage collection for a long-running service, set before it starts
     serving: what the imports made (modules, protobuf descriptors, ...) is
     frozen, so that a full collection no longer walks it, and the youngest
-    generation is collected less often. Nearly every object a request makes is freed by reference
-    counting; under load the ledger otherwise ran about ten young collections
-    a second (0.5 ms each) and a full one every ten seconds or so that stopped
-    every call in flight for 36-44 ms (docs/benchmarks.md)."""
+    generation is collected less often. Nearly every object a request makes
+    is freed by reference counting; under load the ledger otherwise ran about
+    ten young collections a second (0.5 ms each) and a full one every ten
+    seconds or so that stopped every call in flight for 36-44 ms
+    (docs/benchmarks.md)."""
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()

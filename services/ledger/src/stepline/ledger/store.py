@@ -310,10 +310,14 @@ class LedgerStore:
                     with_tasks=True,
                 )
                 response = pb.ClaimRunResponse(run=run_from_row(row, view=full))
-                started = request.start_first_task and start_first_task(
-                    row, log, request_id=f"{request.request_id}/first-task", actor=holder
+                started = (
+                    start_first_task(
+                        row, log, request_id=f"{request.request_id}/first-task", actor=holder
+                    )
+                    if request.start_first_task
+                    else None
                 )
-                if started:
+                if started is not None:
                     first, task = started
                     response.run.tasks[0].CopyFrom(task.task)
                     response.first_task_started = True

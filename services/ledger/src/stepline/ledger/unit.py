@@ -880,12 +880,12 @@ def start_first_task(
         return None
     first = tasks[0]
     run = {column: row[column] for column in RUN_CLAIM_COLUMNS}
-    record = dict.fromkeys(_NOTHING)
-    record.update(
-        now=row["update_time"],
-        runs=[run],
-        tasks=[t for t in tasks[:WINDOW] if t["state"] not in states.TASK_TERMINAL],
-    )
+    record = {
+        **_NOTHING,
+        "now": row["update_time"],
+        "runs": [run],
+        "tasks": tasks[:WINDOW],  # a fresh run's: all PENDING
+    }
     unit = StepUnit(record, touched={run["run_id"]: [first["task_id"]]}, windows=True)
     unit.follow(log)
     start = TaskTransition(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from stepline.api.common.v1 import common_pb2
+from stepline.api.common.v1 import common_pb2, run_pb2
 from stepline.api.ledger.v1 import ledger_pb2 as pb
 from stepline.common.requests import fingerprint
 
@@ -16,6 +16,13 @@ def test_the_request_id_is_left_out_and_everything_else_counts() -> None:
     assert fingerprint(first) == fingerprint(replay)
     assert fingerprint(first) != fingerprint(other)
     assert first.request_id == "a"  # the caller's message is not changed
+
+
+def test_the_view_of_the_answer_is_left_out() -> None:
+    basic = pb.CreateRunRequest(request_id="a", schedule_id="s", view=run_pb2.RUN_VIEW_BASIC)
+    tasks = pb.CreateRunRequest(request_id="a", schedule_id="s", view=run_pb2.RUN_VIEW_TASKS)
+    other = pb.CreateRunRequest(request_id="a", schedule_id="t", view=run_pb2.RUN_VIEW_BASIC)
+    assert fingerprint(basic) == fingerprint(tasks) != fingerprint(other)
 
 
 def test_extra_values_tell_callers_apart() -> None:

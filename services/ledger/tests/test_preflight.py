@@ -61,6 +61,23 @@ async def test_a_replayed_creation_answers_the_run_as_it_is_now(ledger: Ledger) 
     assert again.run.claim.executor_id == EXECUTOR
 
 
+async def test_a_creation_answers_in_the_view_asked_for(ledger: Ledger) -> None:
+    request = create_request("viewed")
+    request.view = run_pb2.RUN_VIEW_BASIC
+    created = await ledger.store.create_run(request)
+    replayed = await ledger.store.create_run(request)
+    for response in (created, replayed):
+        assert response.run.run_id and not response.run.tasks
+        assert not response.run.HasField("definition")
+    assert [created.created, replayed.created] == [True, False]
+    request.view = run_pb2.RUN_VIEW_FULL
+    full = await ledger.store.create_run(request)
+    assert full.run.definition.name == request.definition.name
+    assert [t.step_path for t in full.run.tasks] == ["a", "b", "c"]
+    # the tasks are still all written
+    assert (await _counts(ledger.pool))["tasks"] == 3
+
+
 async def test_concurrent_identical_creations_make_one_run(ledger: Ledger) -> None:
     responses = await asyncio.gather(
         *(ledger.store.create_run(create_request("same")) for _ in range(5))
@@ -166,6 +183,7 @@ async def test_a_failure_mid_way_leaves_no_partial_run(ledger: Ledger) -> None:
         (lambda r: setattr(r.tasks[1], "step_path", "a"), "step_path 'a' is repeated"),
         (lambda r: r.inputs.update({"blob": "x" * (1024 * 1024 + 1)}), "inputs is"),
         (lambda r: setattr(r.tasks[0], "kind", 40000), "is not a StepKind"),
+        (lambda r: setattr(r, "view", 77), "view 77 is not a RunView"),
     ],
 )
 async def test_malformed_create_run_is_invalid_and_changes_nothing(

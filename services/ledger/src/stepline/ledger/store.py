@@ -143,6 +143,9 @@ class LedgerStore:
         if not request.tasks:
             raise InvalidArgument("tasks must list every step of the resolved plan")
         check_size(request.inputs, "inputs")
+        view = request.view or run_pb2.RUN_VIEW_TASKS
+        if view not in run_pb2.RunView.values():
+            raise InvalidArgument(f"view {view} is not a RunView")
         paths: set[str] = set()
         for index, task in enumerate(request.tasks):
             require(task.step_id, f"tasks[{index}].step_id")
@@ -220,13 +223,11 @@ class LedgerStore:
                 stored.SerializeToString(),
             )
             if row is not None:
-                return pb.CreateRunResponse(
-                    run=run_from_row(row, view=run_pb2.RUN_VIEW_TASKS), created=True
-                )
+                return pb.CreateRunResponse(run=run_from_row(row, view=view), created=True)
             earlier = await replayed(conn, request, pb.CreateRunResponse)
             # the insert did nothing only because the record exists (never deleted)
             assert earlier is not None
-            run = await read_run(conn, earlier.run.run_id, view=run_pb2.RUN_VIEW_TASKS)
+            run = await read_run(conn, earlier.run.run_id, view=view)
             return pb.CreateRunResponse(run=run, created=False)
 
         # A new run: nothing else of it can be queued yet, and its rows (every

@@ -160,6 +160,7 @@ class Runs:
             initiator=principal_proto(principal),
             schedule_id=schedule_id,
             tasks=await self._resolved_plan(definition),
+            view=run_pb2.RUN_VIEW_BASIC,  # StartRun answers the run without its tasks
         )
         created = await rpc(self.ledger.CreateRun(create))
         run = basic_view(created.run)

@@ -90,6 +90,7 @@ class CreateRunRequest(_message.Message):
     PARENT_TASK_ID_FIELD_NUMBER: _builtins.int
     SCHEDULE_ID_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key; the scheduler uses the StartRun request_id (a child run
     uses its parent task id and attempt). Replays return the existing run.
@@ -100,6 +101,12 @@ class CreateRunRequest(_message.Message):
     """Parent task of a child run; empty otherwise."""
     schedule_id: _builtins.str
     """Schedule that fired the run; empty otherwise."""
+    view: _run_pb2.RunView.ValueType
+    """How much of the run the response carries. RUN_VIEW_UNSPECIFIED means
+    RUN_VIEW_TASKS (what CreateRunResponse carried before this field); a
+    caller that needs only the run's id and state asks for RUN_VIEW_BASIC and
+    spares both sides the tasks' conversion.
+    """
     @_builtins.property
     def definition(self) -> _workflow_pb2.WorkflowDefinition:
         """The pinned definition (version set); stored with the run."""
@@ -132,10 +139,11 @@ class CreateRunRequest(_message.Message):
         parent_task_id: _builtins.str = ...,
         schedule_id: _builtins.str = ...,
         tasks: _abc.Iterable[Global___PlannedTask] | None = ...,
+        view: _run_pb2.RunView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "initiator", b"initiator", "inputs", b"inputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "initiator", b"initiator", "inputs", b"inputs", "labels", b"labels", "parent_run_id", b"parent_run_id", "parent_task_id", b"parent_task_id", "request_id", b"request_id", "schedule_id", b"schedule_id", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "initiator", b"initiator", "inputs", b"inputs", "labels", b"labels", "parent_run_id", b"parent_run_id", "parent_task_id", b"parent_task_id", "request_id", b"request_id", "schedule_id", b"schedule_id", "tasks", b"tasks", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -193,8 +201,8 @@ class CreateRunResponse(_message.Message):
     """
     @_builtins.property
     def run(self) -> _run_pb2.WorkflowRun:
-        """The run with its tasks (RUN_VIEW_TASKS): as created, or for a replay as
-        it is now.
+        """The run in the request's view (by default with its tasks): as created, or
+        for a replay as it is now.
         """
 
     def __init__(
